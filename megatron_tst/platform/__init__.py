@@ -1,0 +1,13 @@
+"""Where megatron-core runs: CUDA/NCCL when present, otherwise CPU/gloo through ``cpu``."""
+
+import torch
+
+from megatron_tst.platform.cpu import cpu_platform_active, install
+
+
+def distributed_backend() -> str:
+    """The torch.distributed backend for this machine."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+__all__ = ["cpu_platform_active", "distributed_backend", "install"]

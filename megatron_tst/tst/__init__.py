@@ -1,0 +1,29 @@
+"""Token Superposition Training: fold, embedding, loss, phase plan and the model that ties them."""
+
+from megatron_tst.tst.embedding import BagVocabParallelEmbedding, TSTLanguageModelEmbedding
+from megatron_tst.tst.fold import (
+    IGNORE_INDEX,
+    MODES,
+    fold_labels,
+    fold_tokens,
+    next_tokens_windows,
+    raw_sample_length,
+    split_sample,
+)
+from megatron_tst.tst.loss import (
+    WEIGHTINGS,
+    bag_weights,
+    fused_vocab_parallel_mce,
+    listing3_target_weights,
+    mce_loss_reference,
+    mce_target_weights,
+)
+from megatron_tst.tst.model import TSTGPTModel, mask_labels, mce_token_mass
+from megatron_tst.tst.plan import RECOVERY, SUPERPOSITION, TSTPlan
+
+__all__ = [
+    "BagVocabParallelEmbedding", "IGNORE_INDEX", "MODES", "RECOVERY", "SUPERPOSITION", "TSTGPTModel",
+    "TSTLanguageModelEmbedding", "TSTPlan", "WEIGHTINGS", "bag_weights", "fold_labels", "fold_tokens",
+    "fused_vocab_parallel_mce", "listing3_target_weights", "mask_labels", "mce_loss_reference",
+    "mce_target_weights", "mce_token_mass", "next_tokens_windows", "raw_sample_length", "split_sample",
+]

@@ -1,0 +1,62 @@
+"""TSTGPTModel: megatron-core's GPTModel that also trains on bags (phase 1 of TST).
+
+Inputs (b, L) or (b, L, s) go through ``TSTLanguageModelEmbedding``; labels (b, L) take
+megatron-core's own cross-entropy path unchanged, labels (b, L, s) the fused vocab-parallel MCE
+(``megatron_tst.tst.loss``), returning per-position losses (b, L) to normalise with
+``mce_token_mass``. Ignored targets carry IGNORE_INDEX (fold a data loss mask into the labels with
+``mask_labels``). The state dict is exactly a GPTModel's, so a phase-2 (next-token) model is a plain
+GPTModel and the same checkpoint loads into either.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_tst.tst.embedding import TSTLanguageModelEmbedding
+from megatron_tst.tst.fold import IGNORE_INDEX
+from megatron_tst.tst.loss import Weighting, bag_weights, fused_vocab_parallel_mce, mce_target_weights
+
+
+class TSTGPTModel(GPTModel):
+    """GPTModel + bag inputs + multi-hot CE. ``loss_weighting``: see ``loss.bag_weights``."""
+
+    def __init__(self, *args, loss_weighting: Weighting = "uniform", **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(loss_weighting, str):
+            bag_weights(len(loss_weighting), loss_weighting)  # fail at build time, not at step 1
+        else:
+            bag_weights(1, loss_weighting)
+        self.loss_weighting = loss_weighting
+        if hasattr(self, "embedding"):
+            TSTLanguageModelEmbedding.convert(self.embedding)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if labels.dim() == 2:
+            return super().compute_language_model_loss(labels, logits)
+        if labels.dim() != 3:
+            raise ValueError(f"labels must be (batch, L) or (batch, L, s); got shape {tuple(labels.shape)}")
+        # logits are [L, b, V/tp]; labels [b, L, s] -> [L, b, s]
+        labels = labels.transpose(0, 1).contiguous()
+        target_weights = mce_target_weights(labels, self.loss_weighting)
+        loss = fused_vocab_parallel_mce(logits, labels, target_weights, tp_group=self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
+
+
+def mask_labels(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Labels with IGNORE_INDEX where ``loss_mask`` (same shape, or one value per position) is 0."""
+    if loss_mask is None:
+        return labels
+    if loss_mask.dim() == labels.dim() - 1:
+        loss_mask = loss_mask.unsqueeze(-1)
+    return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
+
+
+def mce_token_mass(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
+    """Per-position normaliser (b, L) for the model's MCE losses: loss = sum(losses) / sum(mass).
+
+    For labels (b, L) (next-token training) it is the count of valid labels per position (0 or 1).
+    """
+    if labels.dim() == 2:
+        return (labels >= 0).to(torch.float32)
+    return mce_target_weights(labels, weighting).sum(dim=-1)
