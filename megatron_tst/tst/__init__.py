@@ -18,12 +18,12 @@ from megatron_tst.tst.loss import (
     mce_loss_reference,
     mce_target_weights,
 )
-from megatron_tst.tst.model import TSTGPTModel, mask_labels, mce_token_mass
+from megatron_tst.tst.model import TSTGPTModel, mask_labels, num_valid_targets
 from megatron_tst.tst.plan import RECOVERY, SUPERPOSITION, TSTPlan
 
 __all__ = [
     "BagVocabParallelEmbedding", "IGNORE_INDEX", "MODES", "RECOVERY", "SUPERPOSITION", "TSTGPTModel",
     "TSTLanguageModelEmbedding", "TSTPlan", "WEIGHTINGS", "bag_weights", "fold_labels", "fold_tokens",
     "fused_vocab_parallel_mce", "listing3_target_weights", "mask_labels", "mce_loss_reference",
-    "mce_target_weights", "mce_token_mass", "next_tokens_windows", "raw_sample_length", "split_sample",
+    "mce_target_weights", "num_valid_targets", "next_tokens_windows", "raw_sample_length", "split_sample",
 ]

@@ -5,15 +5,16 @@ sum_i w_i CE(z, y_i) / sum_i w_i (paper Section 3, Appendix D; the -log s of the
 gradient and is left out, so the logged value has a floor of log s for uniform weights).
 
 Normalisation used for training (``fused_vocab_parallel_mce`` with ``mce_target_weights``):
-each target (position j, slot i) gets the weight t_ji = m_ji * w_i / sum_k w_k, where m_ji = 0 for
-ignored targets (IGNORE_INDEX: the tail of the last latent position, masked tokens). The model
-returns per-position losses l_j = sum_i t_ji CE_ji, and the training loss is
-sum_j l_j / sum_j sum_i t_ji: the weighted mean CE over all valid (position, slot) targets, which
-is Megatron's "sum over the loss mask / number of tokens" convention (exact across micro-batches,
-data-parallel ranks and ``calculate_per_token_loss``). For s=1 it is exactly Megatron's loss.
-Listing 3 instead averages per-slot means; the two agree whenever every slot has the same number of
-valid targets and differ by O(1/L) through the last position's ignored tail. ``listing3_target_weights``
-gives target weights under which the fused per-position losses sum to Listing 3's value exactly.
+target (position j, slot i) gets the weight t_ji = m_ji * s * w_i / sum_k w_k (the slot weights
+scaled to average 1; m_ji = 0 for ignored targets: IGNORE_INDEX, the tail of the last latent
+position, masked tokens). The model returns per-position losses l_j = sum_i t_ji CE_ji and the
+training loss is sum_j l_j / (number of valid targets), Megatron's integer-token convention (exact
+across micro-batches, data-parallel ranks and ``calculate_per_token_loss``). For uniform weights
+that is the mean CE over all valid (position, slot) targets; for s=1 it is exactly Megatron's
+next-token loss. Listing 3 instead averages per-slot means; with no ignored target the two are
+equal, and they differ by O(1/L) through the last position's ignored tail.
+``listing3_target_weights`` gives target weights under which the fused per-position losses sum to
+Listing 3's value exactly (the tests use it to compare the fused kernel with the reference).
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def mce_loss_reference(logits: torch.Tensor, labels: torch.Tensor, weights: Weig
 
 
 def mce_target_weights(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
-    """Training target weights t = m * w_i / sum w for labels (..., s): see the module docstring."""
+    """Training target weights t = m * s * w_i / sum w for labels (..., s): see the module docstring."""
     weights = torch.tensor(bag_weights(labels.shape[-1], weighting), dtype=torch.float64)
-    weights = (weights / weights.sum()).to(device=labels.device, dtype=torch.float32)
+    weights = (weights * (len(weights) / weights.sum())).to(device=labels.device, dtype=torch.float32)
     return (labels >= 0).to(torch.float32) * weights
 
 

@@ -2,8 +2,8 @@
 
 Inputs (b, L) or (b, L, s) go through ``TSTLanguageModelEmbedding``; labels (b, L) take
 megatron-core's own cross-entropy path unchanged, labels (b, L, s) the fused vocab-parallel MCE
-(``megatron_tst.tst.loss``), returning per-position losses (b, L) to normalise with
-``mce_token_mass``. Ignored targets carry IGNORE_INDEX (fold a data loss mask into the labels with
+(``megatron_tst.tst.loss``), returning per-position losses (b, L); the training loss is their sum
+over the number of valid targets, ``num_valid_targets(labels)``. Ignored targets carry IGNORE_INDEX (fold a data loss mask into the labels with
 ``mask_labels``). The state dict is exactly a GPTModel's, so a phase-2 (next-token) model is a plain
 GPTModel and the same checkpoint loads into either.
 """
@@ -23,10 +23,8 @@ class TSTGPTModel(GPTModel):
 
     def __init__(self, *args, loss_weighting: Weighting = "uniform", **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(loss_weighting, str):
-            bag_weights(len(loss_weighting), loss_weighting)  # fail at build time, not at step 1
-        else:
-            bag_weights(1, loss_weighting)
+        # fail at build time rather than at the first step
+        bag_weights(1 if isinstance(loss_weighting, str) else len(loss_weighting), loss_weighting)
         self.loss_weighting = loss_weighting
         if hasattr(self, "embedding"):
             TSTLanguageModelEmbedding.convert(self.embedding)
@@ -52,11 +50,6 @@ def mask_labels(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.T
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
 
 
-def mce_token_mass(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
-    """Per-position normaliser (b, L) for the model's MCE losses: loss = sum(losses) / sum(mass).
-
-    For labels (b, L) (next-token training) it is the count of valid labels per position (0 or 1).
-    """
-    if labels.dim() == 2:
-        return (labels >= 0).to(torch.float32)
-    return mce_target_weights(labels, weighting).sum(dim=-1)
+def num_valid_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The loss normaliser: valid targets in (b, L) or (b, L, s) labels, as an integer tensor."""
+    return (labels >= 0).sum()

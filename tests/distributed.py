@@ -1,0 +1,55 @@
+"""Run a function on N local processes over gloo, as torchrun would, and collect what rank 0 returns."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, world_size, port, result_path, fn, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    import megatron_tst  # noqa: F401  (CPU platform layer, per process)
+    from megatron_tst import parallel
+
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        parallel.shutdown()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
+    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return rank 0's value."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.pt")
+        context = mp.start_processes(
+            _entry, args=(world_size, _free_port(), result_path, fn, args), nprocs=world_size,
+            join=False, start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} processes ran past {timeout:.0f} s")
+        return torch.load(result_path, weights_only=False)
