@@ -1,4 +1,4 @@
-"""Run a function on N local processes over gloo, as torchrun would, and collect what rank 0 returns."""
+"""Run a function on N local processes over gloo, as torchrun would, and collect what each returns."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -24,13 +25,12 @@ def _entry(rank, world_size, port, result_path, fn, args):
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     import megatron_tst  # noqa: F401  (CPU platform layer, per process)
     from megatron_tst import parallel
 
     try:
-        result = fn(rank, world_size, *args)
-        if rank == 0:
-            torch.save(result, result_path)
+        torch.save(fn(rank, world_size, *args), f"{result_path}.{rank}")
     except BaseException:
         traceback.print_exc()
         raise
@@ -39,9 +39,9 @@ def _entry(rank, world_size, port, result_path, fn, args):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
-    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return rank 0's value."""
+    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return their values."""
     with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "result.pt")
+        result_path = os.path.join(tmp, "result")
         context = mp.start_processes(
             _entry, args=(world_size, _free_port(), result_path, fn, args), nprocs=world_size,
             join=False, start_method="spawn",
@@ -52,4 +52,4 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0):
                 for process in context.processes:
                     process.kill()
                 raise TimeoutError(f"{fn.__name__} on {world_size} processes ran past {timeout:.0f} s")
-        return torch.load(result_path, weights_only=False)
+        return [torch.load(f"{result_path}.{rank}", weights_only=False) for rank in range(world_size)]
