@@ -4,7 +4,7 @@ Dense: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied embeddi
 "Llama-3 modeling code" with SmolLM shapes and the Llama-3 vocabulary). MoE: the same plus
 QK-norm, all-MoE layers with softmax top-k routing (normalised top-k probabilities, as Qwen3's
 ``norm_topk_prob``) and expert parallelism. The local (pure megatron-core) layer spec is used
-unless ``transformer_impl="transformer_engine"`` is asked for and Transformer Engine is importable.
+where Transformer Engine is not importable (always on CPU), its spec where it is.
 """
 
 from __future__ import annotations
@@ -125,13 +125,20 @@ def transformer_config(
     context_parallel_size: int = 1,
     sequence_parallel: bool = False,
     bf16: bool = False,
-    transformer_impl: str = "local",
+    transformer_impl: str | None = None,
     fp8_format: str | None = None,
     fp8_recipe: str = "delayed",
     moe_token_dispatcher_type: str = "alltoall",
     **overrides,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for ``arch``; ``overrides`` are further config fields."""
+    """megatron-core's TransformerConfig for ``arch``; ``overrides`` are further config fields.
+
+    ``transformer_impl`` None picks Transformer Engine when it is importable on a CUDA machine and
+    megatron-core's local modules otherwise.
+    """
+    if transformer_impl is None:
+        use_te = transformer_engine_available() and torch.cuda.is_available()
+        transformer_impl = "transformer_engine" if use_te else "local"
     if transformer_impl not in ("local", "transformer_engine"):
         raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
     if transformer_impl == "transformer_engine" and not transformer_engine_available():
