@@ -5,6 +5,7 @@ from megatron_tst.tst.fold import (
     IGNORE_INDEX,
     MODES,
     fold_labels,
+    fold_sample,
     fold_tokens,
     next_tokens_windows,
     raw_sample_length,
@@ -23,7 +24,7 @@ from megatron_tst.tst.plan import RECOVERY, SUPERPOSITION, TSTPlan
 
 __all__ = [
     "BagVocabParallelEmbedding", "IGNORE_INDEX", "MODES", "RECOVERY", "SUPERPOSITION", "TSTGPTModel",
-    "TSTLanguageModelEmbedding", "TSTPlan", "WEIGHTINGS", "bag_weights", "fold_labels", "fold_tokens",
+    "TSTLanguageModelEmbedding", "TSTPlan", "WEIGHTINGS", "bag_weights", "fold_labels", "fold_sample", "fold_tokens",
     "fused_vocab_parallel_mce", "listing3_target_weights", "mask_labels", "mce_loss_reference",
     "mce_target_weights", "num_valid_targets", "next_tokens_windows", "raw_sample_length", "split_sample",
 ]

@@ -85,16 +85,21 @@ def split_sample(raw: torch.Tensor, bag_size: int, mode: str = "full"):
     tokens: (b, L, s) for ``full``/``input-only``, (b, L) for ``output-only``.
     labels: (b, L, s) for ``full``/``output-only``, (b, L, 1) for ``input-only``.
     """
-    check_bag_size(bag_size)
-    check_mode(mode)
     if raw.dim() != 2:
         raise ValueError(f"raw samples must be 2-D (batch, tokens), got shape {tuple(raw.shape)}")
-    inputs, labels = raw[:, :-1], raw[:, 1:]
+    return fold_sample(raw[:, :-1], raw[:, 1:], bag_size, mode)
+
+
+def fold_sample(inputs: torch.Tensor, labels: torch.Tensor, bag_size: int, mode: str = "full"):
+    """``split_sample`` for inputs x[:-1] and next-token labels x[1:] given separately (the labels
+    may already hold IGNORE_INDEX, e.g. a data loss mask, which then moves with its target)."""
+    check_bag_size(bag_size)
+    check_mode(mode)
     if mode == "output-only":
         return inputs, next_tokens_windows(labels, bag_size)
-    if (raw.shape[1] - 1) % bag_size:
+    if inputs.dim() == 2 and inputs.shape[1] % bag_size:
         raise ValueError(
-            f"a {mode} sample must hold s*L+1 tokens; got {raw.shape[1]} tokens for s={bag_size}"
+            f"a {mode} sample must hold s*L+1 tokens; got {inputs.shape[1] + 1} tokens for s={bag_size}"
         )
     bag_labels = fold_labels(labels, bag_size)
     if mode == "input-only":
