@@ -111,6 +111,7 @@ class TSTData:
             self.sample_length[name] = bag * config.seq_length + 1
         prefixes, weights = self._blend()
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(config.split))
+        self._blend_spec = (prefixes, weights)
         self._dataset_config = {
             name: self._gpt_config(self.sample_length[name] - 1) for name in self.phase_names
         }
@@ -146,7 +147,7 @@ class TSTData:
         return GPTDatasetConfig(
             random_seed=self.config.seed,
             sequence_length=sequence_length,
-            blend=None,
+            blend=self._blend_spec,  # also tells megatron-core these are real (cacheable) datasets
             split=self.config.split,
             path_to_cache=self.config.cache_dir,
             tokenizer=_TokenizerInfo(self.config.vocab_size, self.config.eod),

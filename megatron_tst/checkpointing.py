@@ -1,0 +1,164 @@
+"""torch_dist checkpoints (megatron-core dist_checkpointing), written atomically.
+
+Layout, as Megatron-LM's: ``<dir>/iter_0000100/`` per checkpoint and
+``<dir>/latest_checkpointed_iteration.txt`` naming the newest complete one. A checkpoint is written
+into ``iter_0000100.tmp`` and renamed when every rank has finished, and the tracker is replaced
+after that, so a crash leaves either the previous checkpoint or the new one, never half of one.
+Each checkpoint holds the model and optimizer (sharded, loadable at another TP/PP/EP layout), the
+LR scheduler, the iteration, the data position, the TST state, every rank's RNG state
+(``rng/rank_<n>.pt``, restored when the world size is unchanged) and ``run_config.json`` (the model
+shape, the TST plan and the framework version, readable without torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+import megatron_tst
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_CONFIG = "run_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The newest complete checkpoint's iteration under ``root``, or None when there is none."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration; remove it or point --load elsewhere")
+    iteration = int(text)
+    if not os.path.isdir(checkpoint_dir(root, iteration)):
+        raise CheckpointError(f"{tracker} names iteration {iteration} but {checkpoint_dir(root, iteration)} is missing")
+    return iteration
+
+
+def read_run_config(root: str, iteration: int | None = None) -> dict:
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint under {root} ({TRACKER} is missing)")
+    with open(os.path.join(checkpoint_dir(root, iteration), RUN_CONFIG)) as handle:
+        return json.load(handle)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded_state(model_chunks, optimizer, for_loading: bool):
+    state = {}
+    for index, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{index}"
+        state[key] = chunk.sharded_state_dict()
+    if optimizer is not None:
+        model_state = state if len(model_chunks) > 1 else state["model"]
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=for_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+        )
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: dict, run_config: dict) -> str:
+    """Write checkpoint ``iteration`` under ``root``; ``common`` is small picklable state (data
+    position, TST state, ...). Collective: every rank calls it."""
+    final = checkpoint_dir(root, iteration)
+    partial = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(partial):  # left by an interrupted save
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+    _barrier()
+    state = _sharded_state(model_chunks, optimizer, for_loading=False)
+    state["iteration"] = iteration
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["common"] = common
+    dist_checkpointing.save(state, partial)
+    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        with open(os.path.join(partial, RUN_CONFIG), "w") as handle:
+            json.dump({**run_config, "iteration": iteration, "world_size": world,
+                       "framework_version": megatron_tst.__version__}, handle, indent=2, sort_keys=True)
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):  # a re-save of the same iteration replaces it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as handle:
+            handle.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = None,
+         load_optimizer: bool = True) -> dict:
+    """Load the newest (or the given) checkpoint into the model, optimizer and scheduler; returns
+    ``{"iteration", "common", "run_config"}``. Collective."""
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint to load under {root} ({TRACKER} is missing)")
+    directory = checkpoint_dir(root, iteration)
+    run_config = read_run_config(root, iteration)
+    request = _sharded_state(model_chunks, optimizer if load_optimizer else None, for_loading=True)
+    try:
+        loaded = dist_checkpointing.load(request, directory)
+    except Exception as error:  # megatron-core's messages are long; name the likely cause first
+        raise CheckpointError(
+            f"cannot load {directory} into this model ({type(error).__name__}: {str(error)[:300]}); "
+            "is it a checkpoint of another model shape?"
+        ) from error
+    for index, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{index}"])
+    if load_optimizer and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded["scheduler"] is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_file = os.path.join(directory, "rng", f"rank_{_rank()}.pt")
+    if run_config.get("world_size") == world and os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return {"iteration": loaded["iteration"], "common": loaded["common"], "run_config": run_config}
+
+
+def model_parallel_layout() -> dict:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+    }
