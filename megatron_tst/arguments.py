@@ -60,8 +60,6 @@ class ModelOptions:
             given["untie_embeddings_and_output_weights"] = True
         if self.qk_layernorm:
             given["qk_layernorm"] = True
-        if self.max_position_embeddings is None:
-            given.setdefault("max_position_embeddings", self.seq_length)
         if base is not None:
             return dataclasses.replace(base, **given)
         required = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
@@ -69,6 +67,7 @@ class ModelOptions:
         if missing:
             raise ValueError(f"model shape incomplete: give --model-preset or {' '.join(missing)}")
         given.setdefault("num_query_groups", given["num_attention_heads"])
+        given.setdefault("max_position_embeddings", self.seq_length)
         given.setdefault("untie_embeddings_and_output_weights", False)
         return GPTArchitecture(**given)
 

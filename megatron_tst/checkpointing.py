@@ -136,7 +136,8 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
         loaded = dist_checkpointing.load(request, directory)
     except Exception as error:  # megatron-core's messages are long; name the likely cause first
         raise CheckpointError(
-            f"cannot load {directory} into this model ({type(error).__name__}: {str(error)[:300]}); "
+            f"cannot load {directory} into this model ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[-300:]}); "
             "is it a checkpoint of another model shape?"
         ) from error
     for index, chunk in enumerate(model_chunks):

@@ -204,12 +204,12 @@ def pretrain(config: PretrainConfig) -> dict:
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None:
         load_root = ckpt.save  # the same command resumes from its own newest checkpoint
     if load_root:
-        state = checkpointing.load(load_root, modules, optimizer, scheduler)
-        common = state["common"]
-        saved_shape = state["run_config"].get("model")
+        saved_shape = checkpointing.read_run_config(load_root).get("model")
         if saved_shape is not None and saved_shape != dataclasses.asdict(arch):
             raise checkpointing.CheckpointError(
                 f"{load_root} holds a model of another shape ({_shape_difference(saved_shape, dataclasses.asdict(arch))})")
+        state = checkpointing.load(load_root, modules, optimizer, scheduler)
+        common = state["common"]
         mismatch = data_state_matches(common["data_identity"], data_identity)
         if mismatch:
             raise checkpointing.CheckpointError(f"cannot resume from {load_root}: {mismatch}")

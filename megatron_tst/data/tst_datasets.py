@@ -22,6 +22,7 @@ compiled helpers build and cache the sample and shuffle indices) and ``BlendedDa
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import OrderedDict
@@ -79,7 +80,8 @@ class PhaseDocumentsDataset(GPTDataset):
     def _build_document_sample_shuffle_indices(self):
         digest = hashlib.md5(np.ascontiguousarray(self.indices).tobytes(), usedforsecurity=False)
         self.unique_identifiers["documents_md5"] = digest.hexdigest()
-        self.unique_description = str(self.unique_identifiers)
+        self.unique_description = json.dumps(
+            self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers)
         self.unique_description_hash = hashlib.md5(
             self.unique_description.encode(), usedforsecurity=False
         ).hexdigest()
