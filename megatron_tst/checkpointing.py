@@ -144,6 +144,8 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
         chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{index}"])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
     if scheduler is not None and loaded["scheduler"] is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -22,7 +22,7 @@ import megatron_tst  # noqa: F401  (first: prepares torch when CUDA is absent)
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -192,36 +192,47 @@ def pretrain(config: PretrainConfig) -> dict:
     model_config.grad_scale_func = optimizer.scale_loss
     model_config.finalize_model_grads_func = finalize_model_grads
 
-    data_identity = dict(data_path=list(config.data.data_path), split=config.data.split, seed=training.seed,
-                         seq_length=config.model.seq_length, global_batch_size=global_batch,
-                         train_iters=training.train_iters,
-                         tst=dataclasses.asdict(plan) if plan else None)
+    def data_identity(data_plan):
+        return dict(data_path=list(config.data.data_path), split=config.data.split, seed=training.seed,
+                    seq_length=config.model.seq_length, global_batch_size=global_batch,
+                    train_iters=training.train_iters,
+                    tst=dict(bag_size=data_plan.bag_size, switch_iter=data_plan.switch_iter,
+                             total_iters=data_plan.total_iters, mode=data_plan.mode) if data_plan else None)
+
     is_logger = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
     metrics = MetricsLogger(ckpt.save, config.logging.tensorboard_dir, enabled=is_logger)
     modules = [chunk.module for chunk in chunks]  # checkpoints hold the bare model's keys
-    iteration, consumed = 0, {}
+    iteration, consumed, data_plan = 0, {}, plan
     load_root = ckpt.load
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None:
         load_root = ckpt.save  # the same command resumes from its own newest checkpoint
     if load_root:
-        saved_shape = checkpointing.read_run_config(load_root).get("model")
-        if saved_shape is not None and saved_shape != dataclasses.asdict(arch):
+        saved = checkpointing.read_run_config(load_root)
+        if saved.get("model") is not None and saved["model"] != dataclasses.asdict(arch):
             raise checkpointing.CheckpointError(
-                f"{load_root} holds a model of another shape ({_shape_difference(saved_shape, dataclasses.asdict(arch))})")
-        state = checkpointing.load(load_root, modules, optimizer, scheduler)
+                f"{load_root} holds a model of another shape ({_shape_difference(saved['model'], dataclasses.asdict(arch))})")
+        state = checkpointing.load(load_root, modules, optimizer, scheduler,
+                                   load_optimizer=not saved.get("reset_optimizer", False))
         common = state["common"]
-        mismatch = data_state_matches(common["data_identity"], data_identity)
+        saved_tst = common["data_identity"]["tst"]
+        if plan is None and saved_tst is not None and common["tst_state"] is None:
+            # a converted phase-1 checkpoint: recovery keeps reading the data TST planned for it
+            data_plan = TSTPlan(bag_size=saved_tst["bag_size"], total_iters=saved_tst["total_iters"],
+                                switch_iter=saved_tst["switch_iter"], mode=saved_tst["mode"])
+        mismatch = data_state_matches(common["data_identity"], data_identity(data_plan))
         if mismatch:
             raise checkpointing.CheckpointError(f"cannot resume from {load_root}: {mismatch}")
         iteration, consumed = state["iteration"], dict(common["consumed_samples"])
         metrics.restore(common["metrics"], iteration)
+        if common.get("reinit_embeddings"):
+            reinitialise_embeddings(modules, optimizer)
 
     data = TSTData(DataConfig(
         data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=global_batch,
         vocab_size=vocab_size, eod=eod, split=config.data.split, seed=training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
         cache_dir=config.data.data_cache_path,
-    ), plan, total_iters=training.train_iters)
+    ), data_plan, total_iters=training.train_iters)
     if iteration == 0 and is_logger:
         for row in data.report():
             print(f"data: {row['phase']:13s} {row['dataset']}: {row['documents']:,} documents, "
@@ -234,7 +245,8 @@ def pretrain(config: PretrainConfig) -> dict:
 
     def save(at_iteration):
         if ckpt.save:
-            common = dict(consumed_samples=dict(consumed), data_identity=data_identity, metrics=metrics.totals(),
+            common = dict(consumed_samples=dict(consumed), data_identity=data_identity(data_plan),
+                          metrics=metrics.totals(),
                           tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
                                          phase=data.phase_of(at_iteration)) if plan else None)
             checkpointing.save(ckpt.save, at_iteration, modules, optimizer, scheduler, common, run_config)
@@ -289,6 +301,17 @@ def pretrain(config: PretrainConfig) -> dict:
         save(iteration)
     metrics.close()
     return {"iteration": iteration, "stopped": None, "history": metrics.history}
+
+
+def reinitialise_embeddings(modules, optimizer) -> None:
+    """The paper's Table 2 ablation: fresh input embedding and output head at the switch."""
+    with torch.no_grad(), tensor_parallel.get_cuda_rng_tracker().fork():  # distinct per TP shard
+        for module in modules:
+            if hasattr(module, "embedding"):
+                module.config.embedding_init_method(module.embedding.word_embeddings.weight)
+            if getattr(module, "post_process", False) and not module.share_embeddings_and_output_weights:
+                module.config.init_method(module.output_layer.weight)
+    optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
 
 
 def evaluate(chunks, data: TSTData, config: PretrainConfig, dp_rank: int, dp_size: int) -> float | None:

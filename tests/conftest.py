@@ -1,5 +1,6 @@
 import megatron_tst  # noqa: F401  (first: prepares torch so megatron-core runs on CPU without CUDA)
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,3 +18,24 @@ def single_rank():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long tests (run in CI on purpose)")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+VOCAB, EOD = 512, 511
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A Megatron indexed dataset of arithmetic sequences mod 500 (learnable, so losses fall within a
+    few dozen steps), EOD-terminated documents of 20-200 tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "arith")
+    generator = np.random.RandomState(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(3000):
+        length = generator.randint(20, 200)
+        start, step = generator.randint(0, 500), generator.randint(1, 5)
+        document = np.append((start + step * np.arange(length)) % 500 + 1, EOD)
+        builder.add_document(torch.from_numpy(document.astype(np.int64)), [length + 1])
+    builder.finalize(prefix + ".idx")
+    return prefix

@@ -6,35 +6,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_tst.pretrain import main, pretrain
 from megatron_tst.arguments import parse_args
+from megatron_tst.pretrain import main, pretrain
+from tests.conftest import VOCAB
 from tests.distributed import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-VOCAB, EOD = 512, 511
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Arithmetic sequences mod 500: learnable, so losses fall within a few dozen steps."""
-    prefix = str(tmp_path_factory.mktemp("corpus") / "arith")
-    generator = np.random.RandomState(0)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(3000):
-        length = generator.randint(20, 200)
-        start, step = generator.randint(0, 500), generator.randint(1, 5)
-        document = np.append((start + step * np.arange(length)) % 500 + 1, EOD)
-        builder.add_document(torch.from_numpy(document.astype(np.int64)), [length + 1])
-    builder.finalize(prefix + ".idx")
-    return prefix
 
 
 def args(corpus, save, *extra, iters=24, tst=True):
