@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from megatron_tst.models import PRESETS, GPTArchitecture, preset
+from megatron_tst.models import PRESETS, GPTArchitecture, preset, transformer_engine_available
 from megatron_tst.tst import MODES, WEIGHTINGS, TSTPlan
 
 
@@ -228,6 +228,9 @@ def validate(config: PretrainConfig) -> None:
     if arch.max_position_embeddings < model.seq_length:
         raise ValueError(f"--seq-length {model.seq_length} exceeds --max-position-embeddings "
                          f"{arch.max_position_embeddings}")
+    if par.context_parallel_size > 1 and not transformer_engine_available():
+        raise ValueError("--context-parallel-size > 1 needs Transformer Engine (megatron-core 0.16.1 has "
+                         "context-parallel attention only there); install it or use --context-parallel-size 1")
     if par.context_parallel_size > 1 and model.seq_length % (2 * par.context_parallel_size):
         raise ValueError(f"--seq-length {model.seq_length} must divide by 2 x --context-parallel-size")
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:

@@ -27,6 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_tst import checkpointing, parallel
 from megatron_tst.arguments import PretrainConfig, parse_args, wsd_decay_iters
@@ -105,7 +106,9 @@ def loss_func(labels, output_tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    # samples arrive folded (b, L, s); context parallelism takes this rank's two chunks of latent
+    # positions, so a bag and its next-bag targets are never split
+    batch = get_batch_on_this_cp_rank(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(loss_func, batch["labels"])
 

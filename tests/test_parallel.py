@@ -226,6 +226,19 @@ def expert_parallel_worker(rank, world_size, directory):
     return dict(loss=loss, expert_grads=_expert_grads(model))
 
 
+def context_parallel_worker(rank, world_size):
+    """Bags are folded before the context-parallel split: each rank's latent positions keep their
+    own next-bag targets (what the training loop feeds a CP rank)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    parallel.initialize(context_parallel_size=world_size, seed=11)
+    raw = torch.arange(BAG * LATENT + 1).unsqueeze(0)
+    tokens, labels = split_sample(raw, BAG)
+    batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels,
+                                       "position_ids": torch.arange(LATENT).unsqueeze(0)})
+    return {key: value[0] for key, value in batch.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -280,3 +293,16 @@ def test_moe_expert_parallel_2_runs_a_tst_step_and_matches_1(reference):
     assert set(local) == set(expected["moe"]["expert_grads"])
     for key, want in expected["moe"]["expert_grads"].items():
         _close(local[key], want, rtol=1e-4, atol=1e-7)
+
+
+def test_context_parallel_split_keeps_bags_and_their_targets_together():
+    ranks = run_distributed(context_parallel_worker, 2)
+    chunk = LATENT // 4
+    for rank, batch in enumerate(ranks):
+        expected_positions = list(range(rank * chunk, (rank + 1) * chunk)) + \
+            list(range((3 - rank) * chunk, (4 - rank) * chunk))
+        assert batch["position_ids"].tolist() == expected_positions
+        for row, j in enumerate(expected_positions):
+            assert batch["tokens"][row].tolist() == list(range(j * BAG, (j + 1) * BAG))
+            targets = [t if t <= BAG * LATENT else IGNORE_INDEX for t in range((j + 1) * BAG, (j + 2) * BAG)]
+            assert batch["labels"][row].tolist() == targets
