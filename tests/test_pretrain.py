@@ -135,3 +135,31 @@ def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path, capsys):
     assert main(args(corpus, str(tmp_path / "other"), "--load", save, "--hidden-size", "128", iters=4)) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "another" in error and "\n" not in error
+
+
+def test_moe_expert_parallel_with_distributed_optimizer_resumes_exactly(corpus, tmp_path):
+    """tiny-moe at EP=2 (alltoall) with the distributed optimizer over 2 data-parallel ranks: a run
+    interrupted mid phase 1 and resumed retraces the uninterrupted one."""
+    whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
+    moe = ["--model-preset", "tiny-moe", "--expert-model-parallel-size", "2", "--use-distributed-optimizer"]
+    run(args(corpus, whole, *moe, iters=12), world_size=2)
+    run(args(corpus, interrupted, *moe, "--exit-interval", "2", iters=12), world_size=2)
+    run(args(corpus, interrupted, *moe, iters=12), world_size=2)
+    assert [r["loss"] for r in records(whole)[0]] == [r["loss"] for r in records(interrupted)[0]]
+    assert records(whole)[0][-1]["loss"] < records(whole)[0][0]["loss"]
+
+
+def test_peak_flops_gives_mfu_and_tensorboard_is_optional(corpus, tmp_path, capsys):
+    save, board = str(tmp_path / "run"), str(tmp_path / "tb")
+    run(args(corpus, save, "--peak-flops", "1e11", iters=4))
+    steps, _ = records(save)
+    assert all(0 < r["mfu"] < 1 for r in steps)
+    argv = args(corpus, str(tmp_path / "tb_run"), "--tensorboard-dir", board, iters=4)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert main(argv) == 1
+        assert "--tensorboard-dir needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+        return
+    run(argv)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(board))
