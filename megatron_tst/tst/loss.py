@@ -148,17 +148,21 @@ class _VocabParallelMCE(torch.autograd.Function):
 
         weights = target_weights.to(work.dtype) * (targets >= 0)
         loss = (slot_losses * weights).sum(dim=-1)
-        ctx.save_for_backward(work, local_targets, weights * ~off_shard, weights.sum(dim=-1))
+        total_weight = weights.sum(dim=-1)
+        # backward needs t_i / sum_i t_i on this shard's targets (0 where a position has no weight)
+        shares = torch.where(total_weight.unsqueeze(-1) > 0, weights / total_weight.unsqueeze(-1), 0.0)
+        ctx.save_for_backward(work, local_targets, shares * ~off_shard, total_weight)
         ctx.input_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        softmax, local_targets, local_weights, total_weight = ctx.saved_tensors
-        grad = softmax  # d/dz sum_i t_i CE_i = (sum_i t_i) softmax - sum_i t_i onehot(y_i)
-        grad.mul_(total_weight.unsqueeze(-1))
-        grad.scatter_add_(-1, local_targets, -local_weights)
-        grad.mul_(grad_output.unsqueeze(-1))
+        softmax, local_targets, local_shares, total_weight = ctx.saved_tensors
+        # d/dz sum_i t_i CE_i = (sum_i t_i) * (softmax - sum_i (t_i / sum_i t_i) onehot(y_i)):
+        # one scatter and one pass over the vocabulary, in megatron-core's order (bit-identical at s=1)
+        grad = softmax
+        grad.scatter_add_(-1, local_targets, -local_shares)
+        grad.mul_((grad_output * total_weight).unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
 
 
