@@ -82,11 +82,14 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "megatron_tst.pretrain", *args(corpus, save, "--allow-data-repetition", iters=5000)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in process.stdout:  # wait for training to be under way
-        if " iteration " in line and "| loss" in line:
+    seen = []
+    while True:  # wait for training to be under way (readline: no read-ahead lost to communicate)
+        line = process.stdout.readline()
+        seen.append(line)
+        if not line or (" iteration " in line and "| loss" in line):
             break
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    output = "".join(seen) + process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     tracker = open(os.path.join(save, "latest_checkpointed_iteration.txt")).read()
     assert int(tracker) >= 1 and os.path.isdir(os.path.join(save, f"iter_{int(tracker):07d}"))
