@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 quickstart: install
-	$(PY) examples/smoke_tst_cpu.py
+	PYTHON=$(abspath $(PY)) bash examples/quickstart.sh
 
 test: install
 	$(PY) -m pytest -q
