@@ -6,10 +6,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_tst.platform import distributed_backend
+from megatron_tst.platform import distributed_backend, install_megatron
 
 
 def initialize(
@@ -22,6 +20,10 @@ def initialize(
 ) -> None:
     """Join the job's process group (torchrun's env:// variables, or a single process) and build
     megatron-core's model-parallel groups; then seed torch and megatron's RNG tracker."""
+    install_megatron()  # CPU platform layer, megatron-level part (no-op with CUDA)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -43,6 +45,8 @@ def initialize(
 
 
 def shutdown() -> None:
+    from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

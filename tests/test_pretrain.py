@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,3 +167,12 @@ def test_peak_flops_gives_mfu_and_tensorboard_is_optional(corpus, tmp_path, caps
         return
     run(argv)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(board))
+
+
+def test_a_nan_loss_stops_the_run_naming_the_iteration(corpus, tmp_path, capsys):
+    save = str(tmp_path / "run")
+    assert main(args(corpus, save, "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", iters=8)) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: loss is (nan|inf) at iteration \d+ \((superposition|recovery) phase\); "
+                        r"stopping without saving\. .*", error), error
+    assert not os.path.exists(os.path.join(save, "latest_checkpointed_iteration.txt"))

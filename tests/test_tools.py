@@ -13,7 +13,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_tst.data.tokenizers import load_tokenizer
+from megatron_tst.data.tokenizers import Tokenizer, _PlainSentencePiece, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
@@ -87,12 +87,14 @@ def test_output_is_byte_identical_to_megatron_cores_builder(corpus_and_tokenizer
             assert open(f"{prefix}_text_document.{suffix}", "rb").read() == open(tmp_path / f"ref.{suffix}", "rb").read()
 
 
-def test_batched_tokenisation_equals_megatron_cores_per_text_tokenize(corpus_and_tokenizer):
+def test_plain_sentencepiece_shortcut_equals_megatron_cores_tokenizer(corpus_and_tokenizer):
     _, corpus, model = corpus_and_tokenizer
-    tokenizer = load_tokenizer("SentencePieceTokenizer", model)
-    assert tokenizer._sentencepiece is not None  # the fast path is in use for this model
+    fast = load_tokenizer("SentencePieceTokenizer", model, threads=2)
+    megatron = Tokenizer("SentencePieceTokenizer", model)  # megatron-core's build_tokenizer
+    assert isinstance(fast, _PlainSentencePiece)  # the shortcut is in use for this model
+    assert (fast.vocab_size, fast.eod) == (megatron.vocab_size, megatron.eod)
     texts = read_documents(corpus)[:50] + ["", " leading and  double  spaces ", "tabs\tand\nnewlines\n"]
-    assert tokenizer.tokenize_batch(texts) == [list(tokenizer._tokenizer.tokenize(t)) for t in texts]
+    assert fast.tokenize_batch(texts) == [megatron.tokenize(t) for t in texts]
 
 
 def test_bad_lines_are_skipped_counted_and_named(corpus_and_tokenizer, tmp_path):

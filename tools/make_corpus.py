@@ -139,6 +139,8 @@ def main(argv=None) -> int:
                 for doc_id, text in SOURCES[name][0]():
                     if args.max_bytes is not None and total >= args.max_bytes:
                         break
+                    if not text.strip():  # empty files are no documents
+                        continue
                     out.write(json.dumps({"text": text, "source": name, "id": doc_id}, ensure_ascii=False) + "\n")
                     size = len(text.encode("utf-8"))
                     documents, nbytes, total = documents + 1, nbytes + size, total + size

@@ -20,6 +20,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import struct
 import sys
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-CHUNK_LINES = 256
+CHUNK_LINES = 1024
 SHOW_BAD_LINES = 5
 
 
@@ -72,7 +73,9 @@ class Encoder:
     def initialize(self):
         from megatron_tst.data.tokenizers import load_tokenizer
 
-        Encoder.tokenizer = load_tokenizer(self.args.tokenizer_type, self.args.tokenizer_model)
+        # the machine's cores shared among the workers (SentencePiece batches are threaded)
+        threads = max(1, (os.cpu_count() or 1) // self.args.workers)
+        Encoder.tokenizer = load_tokenizer(self.args.tokenizer_type, self.args.tokenizer_model, threads=threads)
 
     def encode(self, item):
         name, first, lines = item
@@ -146,15 +149,40 @@ def main(argv=None) -> int:
         return 1
 
 
-def run(args) -> int:
-    import megatron_tst  # noqa: F401  (CPU platform layer before megatron.core)
-    from megatron.core.datasets.indexed_dataset import DType, _IndexWriter
+def optimal_dtype(vocab_size: int):
+    """megatron-core's DType.optimal_dtype."""
+    return np.uint16 if vocab_size < 65500 else np.int32
 
+
+_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6,
+                np.float32: 7, np.uint16: 8}  # megatron-core's DType codes
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+
+
+def write_index(path: str, dtype, sequence_lengths: np.ndarray) -> None:
+    """megatron-core's .idx layout (one sequence per document), written with numpy: importing
+    megatron-core costs each process seconds, and its writer loops in Python over sequences.
+    tests/test_tools.py checks the bytes against megatron-core's IndexedDatasetBuilder."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
+    with open(path, "wb") as handle:
+        handle.write(_INDEX_HEADER)
+        handle.write(struct.pack("<Q", 1))
+        handle.write(struct.pack("<B", _DTYPE_CODES[dtype]))
+        handle.write(struct.pack("<Q", len(lengths)))
+        handle.write(struct.pack("<Q", len(lengths) + 1))
+        handle.write(lengths.tobytes(order="C"))
+        handle.write(pointers.tobytes(order="C"))
+        handle.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes(order="C"))
+
+
+def run(args) -> int:
     from megatron_tst.data.tokenizers import load_tokenizer
 
     files = input_files(args.input)
     tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    args.dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    args.dtype = optimal_dtype(tokenizer.vocab_size)
     if args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
     outputs = {key: output_paths(args.output_prefix, key) for key in args.json_keys}
@@ -203,9 +231,7 @@ def run(args) -> int:
             pool.join()
         for key in args.json_keys:
             bins[key].close()
-            sequence_lengths = np.asarray(lengths[key], dtype=np.int32)
-            with _IndexWriter(temp[key][1], args.dtype) as writer:  # megatron-core's own .idx writer
-                writer.write(sequence_lengths, None, np.arange(len(sequence_lengths) + 1, dtype=np.int64))
+            write_index(temp[key][1], args.dtype, np.asarray(lengths[key], dtype=np.int32))
         for key in args.json_keys:  # complete: now give the files their names
             os.replace(temp[key][0], outputs[key][0])
             os.replace(temp[key][1], outputs[key][1])

@@ -45,7 +45,7 @@ _megatron_patched = False
 
 def cpu_platform_active() -> bool:
     """True when this process runs megatron-core through the CPU layer."""
-    return _mode is not None or (not torch.cuda.is_available() and _megatron_patched)
+    return _mode is not None or _megatron_patched
 
 
 def _enabled(patch_id: str) -> bool:
@@ -243,13 +243,12 @@ def _fix_distributed_optimizer_with_torch_adam() -> None:
 
 
 def install() -> None:
-    """Make megatron-core usable in this process. Idempotent; does nothing when CUDA is available.
+    """Prepare torch (the T patches). Idempotent; does nothing when CUDA is available.
 
     Must run before anything imports ``megatron.core.tensor_parallel`` (``import megatron_tst`` does
     it first thing); the function mode is per thread, so worker processes call it themselves.
     """
-    global _megatron_patched
-    if torch.cuda.is_available() or _megatron_patched:
+    if torch.cuda.is_available() or _mode is not None or _megatron_patched:
         return
     if "megatron.core.tensor_parallel.layers" in sys.modules:
         raise RuntimeError(
@@ -257,5 +256,15 @@ def install() -> None:
             "import megatron_tst first so its CPU platform layer can prepare torch"
         )
     _install_torch_patches()
+
+
+def install_megatron() -> None:
+    """The M patches, on megatron-core's modules (imported here). Idempotent; called by
+    ``megatron_tst.parallel.initialize`` before any model, optimizer or RNG tracker is used, so
+    importing megatron_tst stays cheap for tools that never touch megatron-core's models."""
+    global _megatron_patched
+    if torch.cuda.is_available() or _megatron_patched:
+        return
+    install()
     _install_megatron_patches()
     _megatron_patched = True
