@@ -18,7 +18,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "transformers", "tokenizers"],
         "hf": ["transformers", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
         "plots": ["matplotlib"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,12 +53,6 @@ def loss_of(method: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     if method == "torch":
         return F.cross_entropy(logits.float(), labels[:, 0])
     raise ValueError(method)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_once(method, logits, labels) -> float:
@@ -145,8 +138,7 @@ def main():
                 for m in methods:
                     command = [sys.executable, __file__, "--child", "--method", m, "--vocab-one", str(vocab),
                                "--bag-one", str(bag), "--positions", str(positions), "--dtype", args.dtype]
-                    env = {**os.environ, "MASTER_PORT": str(free_port())}  # the parent's group holds its port
-                    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+                    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                     memory[m] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
             row = dict(vocab=vocab, positions=positions, bag=bag, time_ms={m: 1000 * t for m, t in medians.items()},
                        peak_mib=memory)

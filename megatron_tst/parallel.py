@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
 from megatron_tst.platform import distributed_backend, install_megatron
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def initialize(
@@ -25,13 +32,13 @@ def initialize(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=distributed_backend())
+        if "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
+            dist.init_process_group(backend=distributed_backend())
+        else:  # a single process: a private rendezvous, so several can run side by side
+            dist.init_process_group(backend=distributed_backend(), rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,

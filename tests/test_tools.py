@@ -135,9 +135,60 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(corpus_and_tokeni
                                 "--output-prefix", str(tmp_path / "cut"), "--tokenizer-type", "SentencePieceTokenizer",
                                 "--tokenizer-model", model, "--workers", "2"],
                                stderr=subprocess.PIPE, text=True)
-    while "processed" not in process.stderr.read(64):  # under way
-        pass
+    seen = ""
+    while "processed" not in seen:  # wait until it is under way
+        chunk = process.stderr.read(16)
+        assert chunk, f"finished before it could be interrupted: {seen}"
+        seen += chunk
     process.send_signal(signal.SIGINT)
     process.wait(timeout=60)
     assert process.returncode != 0
     assert not any(name.endswith((".bin", ".idx")) for name in os.listdir(tmp_path))
+
+
+def test_huggingface_tokenizer_folder_round_trip(corpus_and_tokenizer, tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    _, corpus, _ = corpus_and_tokenizer
+    texts = read_documents(corpus)[:40]
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tool("preprocess_data.py", "--input", small, "--output-prefix", tmp_path / "hf_out", "--tokenizer-type",
+         "HuggingFaceTokenizer", "--tokenizer-model", folder, "--append-eod", "--workers", 2)
+    loaded = load_tokenizer("HuggingFaceTokenizer", str(folder))
+    assert loaded.eod == tokenizer.token_to_id("<|endoftext|>")
+    dataset = IndexedDataset(str(tmp_path / "hf_out_text_document"))
+    assert len(dataset) == len(texts)
+    for index, text in enumerate(texts):
+        assert dataset[index][-1] == loaded.eod and loaded.detokenize(dataset[index][:-1]) == text
+
+
+@pytest.mark.parametrize("source,path", [("python-doc", "/usr/share/doc/python3.11/html"),
+                                         ("gcide", "/usr/share/dictd/gcide.dict.dz")])
+def test_debian_sources_when_installed(tmp_path, source, path):
+    if not os.path.exists(path):
+        pytest.skip(f"{source} is not installed here")
+    out = tmp_path / f"{source}.jsonl"
+    tool("make_corpus.py", "--sources", source, "--output", out, "--max-bytes", 300_000)
+    documents = [json.loads(line) for line in open(out)]
+    assert len(documents) > 3 and all(d["source"] == source and d["text"].strip() for d in documents)
+    assert not any("<div" in d["text"] or "<span" in d["text"] for d in documents)  # text, not HTML
+
+
+def test_missing_source_names_the_package_to_install(tmp_path):
+    if os.path.exists("/usr/src") and any(name.startswith("linux-source-6.1") for name in os.listdir("/usr/src")):
+        pytest.skip("linux-source-6.1 is installed here")
+    result = tool("make_corpus.py", "--sources", "linux", "--output", tmp_path / "x.jsonl", check=False)
+    assert result.returncode == 1 and "apt-get install linux-source-6.1" in result.stderr
