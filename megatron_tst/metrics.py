@@ -15,10 +15,6 @@ import json
 import math
 import os
 
-STEP_FIELDS = ("iteration", "phase", "loss", "loss_minus_log_s", "lr", "grad_norm", "raw_tokens",
-               "latent_positions", "model_flops", "tokens_per_s", "step_time_s", "mfu")
-
-
 def model_flops_per_position(arch, seq_length: int) -> float:
     """Forward FLOPs per latent position: 2 x active matmul weights (the input embedding lookup is
     free) plus causal-agnostic attention scores and values, 4 x seq x query width per layer

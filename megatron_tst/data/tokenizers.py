@@ -1,29 +1,52 @@
-"""Tokenizers: megatron-core's own (``megatron.core.tokenizers``), as Megatron-LM's tools build them.
+"""Tokenizers as Megatron-LM's tools build them, for preprocessing and for training.
 
 Megatron-LM core_v0.16.1's ``tools/preprocess_data.py`` builds its tokenizer with megatron-core's
-``build_tokenizer`` and default flags; so do we, so the ids (and EOD, vocabulary size, hence the
-.bin dtype) are the same. One shortcut: for a SentencePiece model that keeps whitespace (as
-tools/train_tokenizer.py writes them), megatron-core's default wrapper is exactly SentencePiece's
-``encode`` with EOD = ``</s>`` and the piece count as vocabulary size; there we use SentencePiece
-directly (batched, threaded, and without importing megatron-core, which costs seconds per process).
-``tests/test_tools.py`` checks the shortcut against megatron-core's tokenizer.
+``build_tokenizer`` and default flags; so do we, so the ids, EOD and vocabulary size (hence the .bin
+dtype) are the same. Two shortcuts give the same ids faster and without importing megatron-core
+(seconds per process):
+
+- SentencePiece: with default flags (not legacy, ``ignore_extra_whitespaces``) megatron-core's
+  wrapper is exactly SentencePiece's ``encode_as_ids``, EOD its ``eos_id()`` and the vocabulary size
+  its piece count, for every model; we call SentencePiece directly, batched and threaded.
+- HuggingFace fast tokenizers: megatron-core tokenizes text to pieces and maps them to ids; we ask
+  the same Rust tokenizer for the ids of a whole batch.
+
+``tests/test_tools.py`` checks both against megatron-core's own tokenizers.
+
+``HuggingFaceTokenizer`` takes a folder (loaded with transformers' ``AutoTokenizer``, as Megatron-LM
+does) or a ``tokenizer.json`` file (loaded with the ``tokenizers`` package alone; its EOD is the
+``eos_token`` of a ``tokenizer_config.json`` beside it, else a usual end-of-text token).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from types import SimpleNamespace
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+# megatron-core's build_tokenizer treats these exactly as SentencePieceTokenizer
+SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# EOD candidates for a bare tokenizer.json without a tokenizer_config.json, in order
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
 
 
-class _PlainSentencePiece:
-    """megatron-core's non-legacy SentencePiece wrapper for whitespace-preserving models."""
+class _SentencePiece:
+    """megatron-core's default SentencePiece wrapper, calling SentencePiece directly."""
 
-    def __init__(self, processor, threads: int):
-        self._sp, self.threads = processor, threads
-        self.vocab_size = processor.get_piece_size()
-        self.eod = processor.eos_id()
+    def __init__(self, model: str, threads: int = 1):
+        import sentencepiece
+
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model)
+        except (RuntimeError, OSError) as error:
+            raise ValueError(f"{model} is not a SentencePiece model ({str(error).splitlines()[0]}); "
+                             "give the .model file tools/train_tokenizer.py wrote") from None
+        self.threads = threads
+        self.vocab_size = self._sp.get_piece_size()
+        eos = self._sp.eos_id()
+        self.eod = eos if eos >= 0 else None
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode_as_ids(text)
@@ -35,32 +58,91 @@ class _PlainSentencePiece:
         return self._sp.decode([int(i) for i in ids])
 
 
+_PlainSentencePiece = _SentencePiece  # earlier name
+
+
+class _TokenizerJson:
+    """A bare ``tokenizer.json`` through the ``tokenizers`` package (no transformers needed)."""
+
+    def __init__(self, path: str, threads: int = 1):
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError:
+            raise ValueError("HuggingFaceTokenizer with a tokenizer.json needs the tokenizers package: "
+                             "pip install tokenizers") from None
+        try:
+            self._tokenizer = RustTokenizer.from_file(path)
+        except Exception as error:  # the Rust side raises its own exception type
+            raise ValueError(f"{path} is not a HuggingFace tokenizer.json ({str(error).splitlines()[0]})") from None
+        self.threads = threads
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        eos = self._eos_token(path)
+        self.eod = self._tokenizer.token_to_id(eos) if eos else None
+
+    def _eos_token(self, path: str) -> str | None:
+        config = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+        if os.path.exists(config):
+            with open(config, encoding="utf-8") as handle:
+                eos = json.load(handle).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            if eos and self._tokenizer.token_to_id(eos) is not None:
+                return eos
+        for token in END_OF_TEXT_TOKENS:
+            if self._tokenizer.token_to_id(token) is not None:
+                return token
+        return None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 class Tokenizer:
-    """vocab_size, eod, tokenize, tokenize_batch, detokenize over a megatron-core tokenizer."""
+    """vocab_size, eod, tokenize, tokenize_batch, detokenize over megatron-core's tokenizer."""
 
     def __init__(self, tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None):
         if tokenizer_type == "HuggingFaceTokenizer":
             try:
+                import tokenizers  # noqa: F401
                 import transformers  # noqa: F401
             except ImportError:
-                raise ValueError("HuggingFaceTokenizer needs transformers: pip install -e '.[hf]'") from None
+                raise ValueError("HuggingFaceTokenizer with a folder loads it with transformers, as Megatron-LM "
+                                 "does: pip install transformers tokenizers (a tokenizer.json file needs only "
+                                 "tokenizers)") from None
         import megatron_tst  # noqa: F401  (CPU platform layer before megatron.core)
-        from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
 
-        args = SimpleNamespace(  # Megatron-LM's defaults for the tokenizer flags
-            tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_size=vocab_size,
-            tokenizer_metadata=None, tokenizer_special_tokens=None, tokenizer_sentencepiece_legacy=False,
-            vocab_file=None, merge_file=None, tokenizer_hf_use_fast=False, trust_remote_code=False,
-            tokenizer_hf_include_special_tokens=False, tiktoken_pattern=None, tiktoken_num_special_tokens=1000,
-        )
-        self._tokenizer = build_tokenizer(args)
+        with warnings.catch_warnings():  # megatron-core warns on import about Transformer Engine and Apex
+            warnings.simplefilter("ignore")
+            from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+            args = SimpleNamespace(  # Megatron-LM's defaults for the tokenizer flags
+                tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_size=vocab_size,
+                tokenizer_metadata=None, tokenizer_special_tokens=None, tokenizer_sentencepiece_legacy=False,
+                vocab_file=None, merge_file=None, tokenizer_hf_use_fast=False, trust_remote_code=False,
+                tokenizer_hf_include_special_tokens=False, tiktoken_pattern=None, tiktoken_num_special_tokens=1000,
+            )
+            self._tokenizer = build_tokenizer(args)
         self.vocab_size = self._tokenizer.vocab_size
         self.eod = self._tokenizer.eod
+        self._fast = None
+        if tokenizer_type == "HuggingFaceTokenizer":
+            hf = self._tokenizer._tokenizer.tokenizer  # the transformers tokenizer megatron-core wraps
+            backend = getattr(hf, "backend_tokenizer", None) if getattr(hf, "is_fast", False) else None
+            if backend is not None and not getattr(hf, "split_special_tokens", False):
+                self._fast = backend
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.tokenize(text))
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is not None:  # megatron-core's tokenize (pieces, then ids), for a whole batch
+            return [encoding.ids for encoding in self._fast.encode_batch(texts, add_special_tokens=False)]
         return [self.tokenize(text) for text in texts]
 
     def detokenize(self, ids) -> str:
@@ -70,19 +152,26 @@ class Tokenizer:
 def load_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None,
                    threads: int = 1):
     """The tokenizer Megatron-LM's tools would build; ``threads`` for batched SentencePiece."""
+    if tokenizer_type in SENTENCEPIECE_ALIASES:
+        tokenizer_type = "SentencePieceTokenizer"
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of "
+                         f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}")
     if tokenizer_type != "NullTokenizer":
         if not tokenizer_model:
             raise ValueError(f"{tokenizer_type} needs --tokenizer-model")
         if not os.path.exists(tokenizer_model):
-            raise FileNotFoundError(f"tokenizer {tokenizer_model} not found; train one with "
-                                    "tools/train_tokenizer.py or give the path of yours")
+            hint = ("train one with tools/train_tokenizer.py or give the path of yours"
+                    if tokenizer_type == "SentencePieceTokenizer" else
+                    "give a local folder with tokenizer files, or a tokenizer.json file")
+            raise FileNotFoundError(f"tokenizer {tokenizer_model} not found; {hint}")
     if tokenizer_type == "SentencePieceTokenizer":
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
-        # megatron-core rewrites text for models that collapse repeated spaces; not the plain case
-        if processor.encode_as_pieces("x  y") != processor.encode_as_pieces("x y"):
-            return _PlainSentencePiece(processor, threads)
+        if os.path.isdir(tokenizer_model):
+            raise ValueError(f"SentencePieceTokenizer needs the .model file, and {tokenizer_model} is a folder")
+        return _SentencePiece(tokenizer_model, threads)
+    if tokenizer_type == "HuggingFaceTokenizer" and os.path.isfile(tokenizer_model):
+        if not tokenizer_model.endswith(".json"):
+            raise ValueError(f"HuggingFaceTokenizer takes a folder or a tokenizer.json file, not {tokenizer_model} "
+                             "(for a SentencePiece .model use --tokenizer-type SentencePieceTokenizer)")
+        return _TokenizerJson(tokenizer_model, threads)
     return Tokenizer(tokenizer_type, tokenizer_model, vocab_size)

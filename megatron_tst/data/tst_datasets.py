@@ -88,11 +88,11 @@ class PhaseDocumentsDataset(GPTDataset):
         return super()._build_document_sample_shuffle_indices()
 
 
-def _phases(plan: TSTPlan | None, total_iters: int) -> list[tuple[str, int, int]]:
-    """(phase, optimizer steps, raw tokens per sample minus one) for the run."""
+def _phases(plan: TSTPlan | None, total_iters: int) -> list[tuple[str, int]]:
+    """(phase, optimizer steps) for the run."""
     if plan is None:
-        return [(NEXT_TOKEN, total_iters, 0)]
-    return [(SUPERPOSITION, plan.switch_iter, 1), (RECOVERY, plan.total_iters - plan.switch_iter, 0)]
+        return [(NEXT_TOKEN, total_iters)]
+    return [(SUPERPOSITION, plan.switch_iter), (RECOVERY, plan.total_iters - plan.switch_iter)]
 
 
 class TSTData:
@@ -104,10 +104,10 @@ class TSTData:
         if not total_iters or total_iters < 1:
             raise ValueError("give the number of training iterations (or a TSTPlan)")
         self.config, self.plan = config, plan
-        self.phase_names = [name for name, _, _ in _phases(plan, total_iters)]
+        self.phase_names = [name for name, _ in _phases(plan, total_iters)]
         self.samples = {}
         self.sample_length = {}
-        for name, steps, _ in _phases(plan, total_iters):
+        for name, steps in _phases(plan, total_iters):
             self.samples[name] = steps * config.global_batch_size
             bag = plan.bag_size if (name == SUPERPOSITION and plan.mode != "output-only") else 1
             self.sample_length[name] = bag * config.seq_length + 1

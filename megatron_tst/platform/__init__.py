@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_tst.platform.cpu import cpu_platform_active, install, install_megatron
+from megatron_tst.platform.cpu import install, install_megatron
 
 
 def distributed_backend() -> str:
@@ -10,4 +10,4 @@ def distributed_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-__all__ = ["cpu_platform_active", "distributed_backend", "install", "install_megatron"]
+__all__ = ["distributed_backend", "install", "install_megatron"]

@@ -43,11 +43,6 @@ _mode: TorchFunctionMode | None = None
 _megatron_patched = False
 
 
-def cpu_platform_active() -> bool:
-    """True when this process runs megatron-core through the CPU layer."""
-    return _mode is not None or _megatron_patched
-
-
 def _enabled(patch_id: str) -> bool:
     return patch_id not in _SKIP
 
