@@ -1,15 +1,34 @@
 """Benchmark: the fused MCE vs the paper's Listing-3 loop vs one ordinary cross-entropy.
 
-Same logits for every method: N latent positions x V vocabulary, bf16 with requires_grad (what the
-output layer hands the loss in bf16 training; every method computes in fp32 inside). Forward and
-backward are timed together. Methods:
-  fused      megatron_tst's fused_vocab_parallel_mce with s targets per position
-  listing3   the paper's loop: fp32 logits, s calls of F.cross_entropy, weighted mean
-  megatron   ONE ordinary CE, megatron-core's vocab_parallel_cross_entropy (the baseline it replaces)
-  torch      ONE ordinary CE, F.cross_entropy on the fp32-cast logits
-Time: median over --repeats runs after a warm-up, methods interleaved. Peak memory: each
-(method, V, s) runs once more in a fresh process, which samples its resident memory every 0.2 ms
-during forward+backward and reports the peak minus the level before (inputs already allocated).
+Every method gets the same logits, N latent positions x V vocabulary (bf16 with requires_grad by
+default: what the output layer hands the loss in bf16 training; every method computes in fp32
+inside), and forward + backward are timed together. Methods:
+
+  fused     fused_vocab_parallel_mce(logits, labels (N, s), mce_target_weights(labels)).sum()
+  listing3  mce_loss_reference: the paper's Listing 3, s calls of F.cross_entropy on fp32 logits
+  megatron  ONE ordinary CE: megatron-core's tensor_parallel.vocab_parallel_cross_entropy, .sum()
+  torch     ONE ordinary CE: F.cross_entropy(logits.float(), labels, reduction="sum")
+
+The s targets of position j are the next bag of a random token stream, folded as in training
+(``fold_labels``: the last position has s-1 ignored targets); the one-target CEs take slot 0.
+
+Time: median over --repeats runs after --warmup runs, the four methods interleaved within each
+(V, s) so that machine noise hits them alike; the fused/megatron ratio is also given for the
+fastest run of each (less sensitive to other load on a shared machine). Each call gets its own fresh copy of the logits,
+made before its clock starts (fp32 logits are overwritten in place by the fused MCE and by
+megatron-core's CE; with bf16 logits they are not, but every method is treated the same).
+
+Peak memory, the peak of the bytes allocated during forward + backward on top of the inputs
+(the logits' gradient included, since it stays allocated):
+  * CPU: measured in a fresh process per (V, s), which preallocates the inputs, warms each method
+    up on small inputs, then for each method in turn
+      - "alloc": runs it under torch.profiler(profile_memory=True) and takes the peak of the running
+        sum of the CPU allocator's allocation/free events (exact, in bytes, what
+        torch.cuda.max_memory_allocated reports on a GPU; the primary figure), and
+      - "rss": runs it again without the profiler after resetting the kernel's resident-set
+        high-water mark (echo 5 > /proc/self/clear_refs) and reports VmHWM minus VmRSS before the
+        call (the real memory of the process, allocator slack included; a cross-check).
+  * CUDA (--device cuda): torch.cuda.max_memory_allocated() minus memory_allocated() before.
 """
 
 from __future__ import annotations
@@ -20,140 +39,257 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-import megatron_tst  # noqa: F401  (first: CPU platform layer)
+import megatron_tst  # noqa: F401  (first: the CPU compatibility layer)
 
 import torch
 import torch.nn.functional as F
 
 METHODS = ("fused", "listing3", "megatron", "torch")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MiB = 2**20
 
 
-def make_inputs(positions: int, vocab: int, bag: int, dtype: torch.dtype, seed: int = 0):
+def make_inputs(positions: int, vocab: int, bag: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Base logits (N, V) without grad, next-token labels (1, s*N) and their folded bags (N, s)."""
+    from megatron_tst.tst import fold_labels
+
     generator = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(positions, vocab, generator=generator) * 2).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (positions, bag), generator=generator)
-    return logits, labels
+    logits = torch.empty(positions, vocab, dtype=dtype)
+    for start in range(0, positions, 256):  # in chunks: no fp32 temporary of the whole matrix
+        rows = logits[start:start + 256]
+        rows.copy_(torch.randn(rows.shape, generator=generator) * 2)
+    flat_labels = torch.randint(0, vocab, (1, bag * positions), generator=generator)
+    bags = fold_labels(flat_labels, bag)[0]
+    return logits.to(device), flat_labels.to(device), bags.contiguous().to(device)
 
 
-def loss_of(method: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from megatron_tst.tst import fused_vocab_parallel_mce, mce_target_weights
+def fresh(base: torch.Tensor) -> torch.Tensor:
+    return base.detach().clone().requires_grad_()
+
+
+def loss_of(method: str, logits: torch.Tensor, flat_labels: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    from megatron_tst.tst import fused_vocab_parallel_mce, mce_loss_reference, mce_target_weights
 
     if method == "fused":
-        return fused_vocab_parallel_mce(logits, labels, mce_target_weights(labels)).mean()
+        return fused_vocab_parallel_mce(logits, bags, mce_target_weights(bags)).sum()
     if method == "listing3":
-        pred = logits.float()
-        return sum(F.cross_entropy(pred, labels[:, i]) for i in range(labels.shape[1])) / labels.shape[1]
+        return mce_loss_reference(logits.view(1, *logits.shape), flat_labels)
     if method == "megatron":
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        return vocab_parallel_cross_entropy(logits, labels[:, 0]).mean()
+        return vocab_parallel_cross_entropy(logits, bags[:, 0].contiguous()).sum()
     if method == "torch":
-        return F.cross_entropy(logits.float(), labels[:, 0])
-    raise ValueError(method)
+        return F.cross_entropy(logits.float(), bags[:, 0], reduction="sum")
+    raise ValueError(f"unknown method {method!r}")
 
 
-def run_once(method, logits, labels) -> float:
-    logits.grad = None
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_call(method, base, flat_labels, bags, device) -> float:
+    logits = fresh(base)
+    sync(device)
     started = time.perf_counter()
-    loss_of(method, logits, labels).backward()
+    loss_of(method, logits, flat_labels, bags).backward()
+    sync(device)
     return time.perf_counter() - started
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# ---- memory -------------------------------------------------------------------------------------
+
+def proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
-def peak_memory_child(args) -> None:
-    """In a fresh process: the peak resident-memory increase (MiB) during one forward+backward,
-    sampled every 0.2 ms by a thread (torch kernels release the GIL), inputs already allocated."""
+def rss_peak_bytes(method, base, flat_labels, bags) -> int:
+    logits = fresh(base)
+    with open("/proc/self/clear_refs", "w") as handle:  # reset VmHWM to the current VmRSS
+        handle.write("5")
+    before = proc_status_bytes("VmRSS:")
+    loss_of(method, logits, flat_labels, bags).backward()
+    return proc_status_bytes("VmHWM:") - before
+
+
+def allocator_peak_bytes(method, base, flat_labels, bags) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = fresh(base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_of(method, logits, flat_labels, bags).backward()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def cuda_peak_bytes(method, base, flat_labels, bags) -> int:
+    logits = fresh(base)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss_of(method, logits, flat_labels, bags).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def memory_child(args) -> None:
+    """Fresh process: peak MiB of every method at one (V, s); prints one JSON line."""
     from megatron_tst import parallel
 
     parallel.initialize()
-    logits, labels = make_inputs(args.positions, args.vocab_one, args.bag_one, getattr(torch, args.dtype))
-    loss_of(args.method, *make_inputs(8, 64, args.bag_one, getattr(torch, args.dtype))).backward()  # warm up
-    before, peak, done = current_rss_bytes(), [0], threading.Event()
+    dtype = DTYPES[args.dtype]
+    small = make_inputs(16, 128, args.bag_one, dtype, "cpu", seed=1)
+    for method in args.methods:  # warm-up: lazy initialisation, imports, first-call allocations
+        loss_of(method, fresh(small[0]), *small[1:]).backward()
+    inputs = make_inputs(args.positions_one, args.vocab_one, args.bag_one, dtype, "cpu")
+    result = {}
+    for method in args.methods:
+        result[method] = {
+            "alloc": allocator_peak_bytes(method, *inputs) / MiB,
+            "rss": rss_peak_bytes(method, *inputs) / MiB,
+        }
+    print(json.dumps(result))
+    parallel.shutdown()
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss_bytes())
-            time.sleep(0.0002)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    run_once(args.method, logits, labels)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], current_rss_bytes())
-    print(json.dumps({"peak_mib": (peak[0] - before) / 2**20}))
+def memory_case(args, vocab, positions, bag) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--memory-child", "--vocab-one", str(vocab),
+               "--positions-one", str(positions), "--bag-one", str(bag), "--dtype", args.dtype,
+               "--methods", *args.methods]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def ratio(a, b, floor=1e-9):
+    return a / b if b is not None and a is not None and b > floor else float("nan")
+
+
+def fmt(value, spec):
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+def fmt_ratio(value):
+    return "n/a" if value is None or value != value else f"{value:.2f}x"
+
+
+def print_table(rows, args) -> None:
+    methods = args.methods
+    unit = "alloc MiB" if args.device == "cpu" else "CUDA MiB"
+    head = (["V", "N", "s"] + [f"{m} ms" for m in methods] + [f"{m} {unit}" for m in methods]
+            + ["fused/megatron time (medians)", "fused/megatron time (minima)", "fused/megatron mem"])
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        t, m = row["time_ms"], row["peak_mib"]
+        cells = [str(row["vocab"]), str(row["positions"]), str(row["bag"])]
+        cells += [fmt(t.get(k), ".1f") for k in methods]
+        cells += [fmt(m[k]["alloc"] if k in m else None, ".0f") for k in methods]
+        low = {k: min(v) for k, v in row["all_ms"].items()}
+        cells += [fmt_ratio(ratio(t.get("fused"), t.get("megatron"))),
+                  fmt_ratio(ratio(low.get("fused"), low.get("megatron"))),
+                  fmt_ratio(ratio(m.get("fused", {}).get("alloc"), m.get("megatron", {}).get("alloc"), 1.0))]
+        print("| " + " | ".join(cells) + " |")
+    if args.device == "cpu" and any(row["peak_mib"] for row in rows):
+        print("\nresident-set cross-check (VmHWM - VmRSS before, MiB):")
+        print("| V | N | s | " + " | ".join(f"{m} rss MiB" for m in methods) + " |")
+        print("|" + "---|" * (3 + len(methods)))
+        for row in rows:
+            m = row["peak_mib"]
+            print(f"| {row['vocab']} | {row['positions']} | {row['bag']} | "
+                  + " | ".join(fmt(m[k]["rss"] if k in m else None, ".0f") for k in methods) + " |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--positions", type=int, default=None, help="latent positions (default 2048 at 32k, "
-                        "1024 at 128k)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072], help="vocabulary sizes")
+    parser.add_argument("--positions", type=int, default=None,
+                        help="latent positions N (default: 2048 for V <= 65536, else 1024)")
     parser.add_argument("--bag-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and case (median)")
+    parser.add_argument("--listing3-repeats", type=int, default=None,
+                        help="timed runs of the (slow) Listing-3 loop; default --repeats")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="logits dtype")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: V=4096, N=256, s in {1, 16}, 2 repeats")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab-one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--positions-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bag-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    if args.child:
-        return peak_memory_child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
     if args.quick:
-        args.vocab, args.repeats = [4096], 2
+        args.vocab, args.positions, args.bag_sizes, args.repeats = [4096], 256, [1, 16], 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    if "fused" in args.methods and "megatron" not in args.methods:
+        parser.error("the fused/megatron ratios need both methods")
 
     from megatron_tst import parallel
 
     parallel.initialize()
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
+    started = time.time()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.dtype} logits, load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for vocab in args.vocab:
         positions = args.positions or (2048 if vocab <= 65536 else 1024)
-        if args.quick:
-            positions = 256
         for bag in args.bag_sizes:
-            logits, labels = make_inputs(positions, vocab, bag, dtype)
-            # the one-target CEs run in every row too, so each ratio compares runs under the same
-            # conditions (the Listing-3 loop's large allocations change page-fault costs for all)
-            methods = list(METHODS)
-            times = {m: [] for m in methods}
-            for m in methods:
-                run_once(m, logits, labels)  # warm-up
-            for _ in range(args.repeats):
-                for m in methods:
-                    times[m].append(run_once(m, logits, labels))
-            medians = {m: statistics.median(t) for m, t in times.items()}
+            base, flat_labels, bags = make_inputs(positions, vocab, bag, dtype, args.device)
+            repeats = {m: args.repeats for m in args.methods}
+            if "listing3" in repeats and args.listing3_repeats:
+                repeats["listing3"] = args.listing3_repeats
+            for _ in range(args.warmup):
+                for method in args.methods:
+                    timed_call(method, base, flat_labels, bags, args.device)
+            times = {m: [] for m in args.methods}
+            for round_ in range(max(repeats.values())):
+                for method in args.methods:
+                    if round_ < repeats[method]:
+                        times[method].append(timed_call(method, base, flat_labels, bags, args.device))
             memory = {}
             if not args.no_memory:
-                for m in methods:
-                    command = [sys.executable, __file__, "--child", "--method", m, "--vocab-one", str(vocab),
-                               "--bag-one", str(bag), "--positions", str(positions), "--dtype", args.dtype]
-                    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                    memory[m] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
-            row = dict(vocab=vocab, positions=positions, bag=bag, time_ms={m: 1000 * t for m, t in medians.items()},
+                if args.device == "cuda":
+                    memory = {m: {"alloc": cuda_peak_bytes(m, base, flat_labels, bags) / MiB} for m in args.methods}
+                else:
+                    del base, flat_labels, bags  # the child makes its own
+                    memory = memory_case(args, vocab, positions, bag)
+            row = dict(vocab=vocab, positions=positions, bag=bag, dtype=args.dtype, device=args.device,
+                       time_ms={m: 1000 * statistics.median(t) for m, t in times.items()},
+                       all_ms={m: [round(1000 * x, 2) for x in t] for m, t in times.items()},
                        peak_mib=memory)
             rows.append(row)
             print(json.dumps(row), flush=True)
-
-    print(f"\nV, N, s | time ms: fused, listing3, megatron CE, torch CE | fused/megatron time | "
-          f"peak MiB: fused, listing3, megatron CE | fused/megatron memory  ({args.dtype} logits, "
-          f"median of {args.repeats})")
-    for row in rows:
-        t, m = row["time_ms"], row["peak_mib"]
-        memory = (f"{m['fused']:7.0f} {m['listing3']:7.0f} {m['megatron']:7.0f} | {m['fused'] / m['megatron']:.2f}x"
-                  if m and m["megatron"] > 0 else "n/a")
-        print(f"{row['vocab']:6d} {row['positions']:5d} {row['bag']:2d} | {t['fused']:8.1f} {t['listing3']:8.1f} "
-              f"{t['megatron']:8.1f} {t['torch']:8.1f} | {t['fused'] / t['megatron']:.2f}x | {memory}")
+    print_table(rows, args)
+    print(f"\ntotal {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
     parallel.shutdown()
 
 

@@ -6,14 +6,15 @@ Run as ``python -m tests.platform_scenarios CHECK [CHECK ...]`` from the reposit
 ``tests/test_platform.py`` runs this module in subprocesses. Each check runs on its own (an error in
 one does not stop the next) and the process prints one line, ``RESULT_MARKER`` followed by JSON:
 ``{check: {"ok": true, "values": {...}}}`` or ``{check: {"ok": false, "error": "Type: message",
-"frames": ["file.py:function", ...]}}``. The silent patches (M1, M4 c) give numbers, not errors, so
-their checks return values that the test compares.
+"frames": ["file.py:function: source line", ...] (innermost last), "stage": ...}}``, plus
+``"_meta": {"skipped": [...]}`` (the patches the layer really left out). The silent patches (M1,
+M4 c) give numbers, not errors, so their checks return values that the test compares.
 
 Checks (one process, world of one unless said otherwise):
   dense       build a tiny GPT, forward + backward                        (T1, T3, T6)
   autocast    the same under CPU bf16 autocast                             (T5)
   rng_fork    the RNG tracker's fork() switches and restores the generator (M1, silent)
-  checkpoint  dist_checkpointing.save of the tiny GPT (torch_dist)         (T2)
+  checkpoint  dist_checkpointing save (torch_dist) + load of the tiny GPT   (T2)
   moe         tiny MoE (alltoall dispatcher), forward + backward           (T4, M2)
   distopt     DDP + DistributedOptimizer (torch Adam): a step, a checkpoint, a resume into a fresh
               model and optimizer, one more step compared with the run that never stopped
@@ -21,9 +22,10 @@ Checks (one process, world of one unless said otherwise):
   distopt_without_b / distopt_without_c
               as distopt, with M4's fixes installed by hand except (b) or (c); only valid when the
               process leaves ``distopt_ckpt`` out (plain ``distopt`` there has none of the three, and
-              stops at the first, (a)), so each of M4's three fixes is shown to be needed
-  moe_ep2     two processes over gloo: tiny MoE with expert parallelism 2 (alltoall dispatcher)
-                                                                           (M3)
+              stops at the first, (a)), so each of M4's three fixes is shown to be needed (uses the
+              layer's private ``_fix_distributed_optimizer_with_torch_adam``)
+  moe_ep2     two spawned gloo processes (tests.distributed.run_distributed), each running
+              moe_ep2_rank: tiny MoE, expert parallelism 2, alltoall dispatcher (M3)
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ a control, so an ablation cannot pass by breaking the process some other way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,14 +61,22 @@ def _run(name: str) -> tuple[str, dict]:
     env = dict(os.environ, MEGATRON_TST_CPU_SKIP=skip, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "tests.platform_scenarios", *checks]
     started = time.monotonic()
+    # a session of its own, so a timeout also ends the ranks a two-process scenario spawned
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired as error:
-        return name, {"_run": {"error": f"timed out after {RUN_TIMEOUT} s", "output": str(error.stdout)[-3000:]}}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if done.returncode != 0 or not lines:
-        return name, {"_run": {"error": f"exit status {done.returncode}, no result line",
-                               "output": (done.stdout + done.stderr)[-3000:]}}
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
+        return name, {"_run": {"error": f"timed out after {RUN_TIMEOUT} s", "output": stdout[-3000:]}}
+    if process.returncode != 0:
+        with contextlib.suppress(ProcessLookupError):  # leftovers of a crashed run
+            os.killpg(process.pid, signal.SIGKILL)
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if process.returncode != 0 or not lines:
+        return name, {"_run": {"error": f"exit status {process.returncode}, no result line",
+                               "output": (stdout + stderr)[-3000:]}}
     result = json.loads(lines[-1][len(RESULT_MARKER):])
     result["_seconds"] = time.monotonic() - started
     return name, result
@@ -74,7 +84,7 @@ def _run(name: str) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def runs():
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         results = dict(pool.map(_run, RUNS))
     for name, result in results.items():
         assert "_run" not in result, f"scenario run {name!r} did not report: {result['_run']}"

@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import sys
 import sysconfig
 import tarfile
@@ -88,8 +89,8 @@ def gcide_documents():
             yield f"entry-{number + 1}", "".join(entry).strip()
 
 
-def linux_documents():
-    for tarball in sorted(glob.glob(LINUX_TARBALLS)):
+def linux_documents(tarballs=LINUX_TARBALLS):
+    for tarball in sorted(glob.glob(tarballs)):
         with tarfile.open(tarball, "r|*") as archive:  # streaming: nothing is extracted
             for member in archive:
                 if member.isfile() and member.name.endswith((".c", ".h", ".rst", ".txt")):
@@ -116,9 +117,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sources", default=None, help=f"comma-separated, of {', '.join(SOURCES)} "
                         "(default: every one present)")
     parser.add_argument("--max-bytes", type=int, default=None, help="stop after about this many bytes of text")
+    parser.add_argument("--linux-tarball", default=LINUX_TARBALLS,
+                        help=f"the kernel source tarball(s) for the linux source (default: {LINUX_TARBALLS})")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    names = args.sources.split(",") if args.sources else [n for n, (_, present) in SOURCES.items() if present()]
+    SOURCES["linux"] = (lambda: linux_documents(args.linux_tarball), lambda: bool(glob.glob(args.linux_tarball)))
+    if args.sources:
+        names = [name.strip() for name in args.sources.split(",") if name.strip()]
+    else:
+        names = [name for name, (_, present) in SOURCES.items() if present()]
+        missing = [f"{name} ({INSTALL_HINT[name]})" for name in SOURCES if name not in names]
+        if missing:
+            print(f"note: not installed here, so not used: {', '.join(missing)}", file=sys.stderr)
     for name in names:
         if name not in SOURCES:
             print(f"error: unknown source {name!r}; choose from {', '.join(SOURCES)}", file=sys.stderr)
@@ -126,16 +136,23 @@ def main(argv=None) -> int:
         if not SOURCES[name][1]():
             print(f"error: source {name} is not installed here ({INSTALL_HINT[name]})", file=sys.stderr)
             return 1
+    if args.max_bytes is not None and args.max_bytes <= 0:
+        print(f"error: --max-bytes must be positive, got {args.max_bytes}", file=sys.stderr)
+        return 1
     if os.path.exists(args.output) and not args.overwrite:
         print(f"error: {args.output} already exists; pass --overwrite to replace it", file=sys.stderr)
         return 1
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     partial = f"{args.output}.tmp-{os.getpid()}"
     total, report = 0, {}
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that `finally` cleans up
     try:
         with open(partial, "w", encoding="utf-8") as out:
             for name in names:
                 documents = nbytes = 0
+                if args.max_bytes is not None and total >= args.max_bytes:  # budget spent: do not open it
+                    report[name] = (0, 0)
+                    continue
                 for doc_id, text in SOURCES[name][0]():
                     if args.max_bytes is not None and total >= args.max_bytes:
                         break
@@ -146,6 +163,9 @@ def main(argv=None) -> int:
                     documents, nbytes, total = documents + 1, nbytes + size, total + size
                 report[name] = (documents, nbytes)
         os.replace(partial, args.output)
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
     finally:
         if os.path.exists(partial):
             os.remove(partial)
