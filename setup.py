@@ -18,8 +18,9 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "tokenizers"],
-        "hf": ["transformers", "safetensors"],
+        "test": ["pytest", "pytest-timeout", "transformers", "tokenizers", "matplotlib",  # matplotlib: tools/tst_report.py
+                 "lm-eval", "accelerate"],  # the lm-eval harness test (accelerate: its HF model class)
+        "hf": ["transformers", "safetensors", "tokenizers"],
         "te": ["transformer-engine[pytorch]"],
         "plots": ["matplotlib"],
         "tb": ["tensorboard"],

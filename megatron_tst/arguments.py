@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
 
-from megatron_tst.models import PRESETS, GPTArchitecture, preset, transformer_engine_available
+import torch
+
+from megatron_tst.models import (
+    PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
+)
 from megatron_tst.tst import MODES, WEIGHTINGS, TSTPlan
 
 
@@ -37,6 +42,9 @@ class ModelOptions:
     norm_epsilon: float | None = _help("RMSNorm epsilon", default=None)
     untie_embeddings_and_output_weights: bool = _help("separate input embedding and output head "
                                                       "(the paper's models; presets are untied)", default=False)
+    tie_embeddings_and_output_weights: bool = _help("share the input embedding with the output head (ours: "
+                                                    "ties a preset; without a preset tied is the default)",
+                                                    default=False)
     normalization: str = _help("only RMSNorm is supported", default="RMSNorm")
     swiglu: bool = _help("SwiGLU MLP (always on; accepted for Megatron compatibility)", default=False)
     position_embedding_type: str = _help("only rope is supported", default="rope")
@@ -51,13 +59,24 @@ class ModelOptions:
     fp8_format: str | None = _help("e4m3 or hybrid (Transformer Engine)", default=None)
     fp8_recipe: str = _help("delayed, tensorwise, blockwise, mxfp8", default="delayed")
     bf16: bool = _help("bf16 parameters and compute, fp32 master weights", default=False)
+    # Megatron-LM's fusions, on by default with Transformer Engine (see ``fusion_settings``)
+    no_gradient_accumulation_fusion: bool = _help("do not fuse weight-gradient accumulation into the GEMM",
+                                                  default=False)
+    no_bias_swiglu_fusion: bool = _help("do not fuse the SwiGLU activation", default=False)
+    no_rope_fusion: bool = _help("do not fuse rotary position embedding", default=False)
+    no_masked_softmax_fusion: bool = _help("do not fuse scale, mask and softmax", default=False)
 
     def architecture(self) -> GPTArchitecture:
         base = preset(self.model_preset) if self.model_preset else None
         shape_fields = {f.name for f in dataclasses.fields(GPTArchitecture)}
-        given = {k: v for k, v in dataclasses.asdict(self).items() if k in shape_fields and v is not None}
-        if self.untie_embeddings_and_output_weights:
-            given["untie_embeddings_and_output_weights"] = True
+        switches = ("untie_embeddings_and_output_weights", "qk_layernorm")  # a switch left out keeps the preset's
+        given = {k: v for k, v in dataclasses.asdict(self).items()
+                 if k in shape_fields and v is not None and k not in switches}
+        if self.untie_embeddings_and_output_weights and self.tie_embeddings_and_output_weights:
+            raise ValueError("--untie-embeddings-and-output-weights and --tie-embeddings-and-output-weights "
+                             "contradict each other; give one")
+        if self.untie_embeddings_and_output_weights or self.tie_embeddings_and_output_weights:
+            given["untie_embeddings_and_output_weights"] = self.untie_embeddings_and_output_weights
         if self.qk_layernorm:
             given["qk_layernorm"] = True
         if base is not None:
@@ -81,6 +100,14 @@ class ParallelOptions:
     context_parallel_size: int = _help("CP ranks (needs Transformer Engine)", default=1)
     sequence_parallel: bool = _help("sequence parallelism (with TP)", default=False)
     use_distributed_optimizer: bool = _help("shard optimizer state over data-parallel ranks", default=False)
+    distributed_timeout_minutes: float = _help("how long a collective (or a wait for another rank) may "
+                                               "take before the job fails", default=10)
+    overlap_grad_reduce: bool = _help("overlap the gradient reduction with backward (default on with "
+                                      "Transformer Engine on a GPU)", default=False)
+    no_overlap_grad_reduce: bool = _help("turn the default --overlap-grad-reduce off", default=False)
+    overlap_param_gather: bool = _help("overlap the distributed optimizer's parameter all-gather with the "
+                                       "next forward (default on with Transformer Engine on a GPU)", default=False)
+    no_overlap_param_gather: bool = _help("turn the default --overlap-param-gather off", default=False)
 
 
 @dataclass
@@ -136,7 +163,7 @@ class LoggingOptions:
 @dataclass
 class TSTOptions:
     tst_bag_size: int | None = _help("bag size s; leave out for a baseline run", default=None)
-    tst_ratio: float | None = _help("fraction r of --train-iters in superposition", default=None)
+    tst_ratio: float | None = _help("fraction r of --train-iters in superposition (1: no recovery)", default=None)
     tst_iters: int | None = _help("superposition steps (instead of --tst-ratio)", default=None)
     tst_loss_weighting: str = _help(f"{', '.join(WEIGHTINGS)} or comma-separated floats", default="uniform")
     tst_mode: str = _help(f"{', '.join(MODES)}", default="full")
@@ -154,7 +181,7 @@ class TSTOptions:
                 raise ValueError(f"--tst-loss-weighting must be one of {', '.join(WEIGHTINGS)} or "
                                  f"comma-separated floats, got {self.tst_loss_weighting!r}") from None
         if self.tst_ratio is None and self.tst_iters is None:
-            raise ValueError("--tst-bag-size needs --tst-ratio r (0 < r < 1) or --tst-iters")
+            raise ValueError("--tst-bag-size needs --tst-ratio r (0 < r <= 1) or --tst-iters")
         return TSTPlan(bag_size=self.tst_bag_size, total_iters=train_iters, ratio=self.tst_ratio,
                        switch_iter=self.tst_iters, loss_weighting=weighting, mode=self.tst_mode)
 
@@ -211,9 +238,107 @@ def parse_args(argv=None) -> PretrainConfig:
     return config
 
 
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def resolved_transformer_impl(model: ModelOptions) -> str:
+    """--transformer-impl, or Transformer Engine where it is importable on a CUDA machine."""
+    return model.transformer_impl or default_transformer_impl()
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    # megatron-core's own linear layers (the output layer, even under the TE spec) need this CUDA
+    # extension (Apex's) for the fusion; without it they refuse to build
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_settings(config: PretrainConfig) -> dict:
+    """TransformerConfig fields for the fusions Megatron-LM users get by default with Transformer
+    Engine; each has Megatron-LM's --no-... switch. None without Transformer Engine (the local
+    spec's numbers stay those of the plain torch ops)."""
+    model = config.model
+    if resolved_transformer_impl(model) != "transformer_engine":
+        return {}
+    return dict(
+        gradient_accumulation_fusion=not model.no_gradient_accumulation_fusion
+        and gradient_accumulation_fusion_available(),
+        bias_activation_fusion=not model.no_bias_swiglu_fusion,
+        apply_rope_fusion=not model.no_rope_fusion,
+        masked_softmax_fusion=not model.no_masked_softmax_fusion,
+        bias_dropout_fusion=True,
+    )
+
+
+def overlap_settings(config: PretrainConfig) -> dict:
+    """DistributedDataParallelConfig overlap fields: on by default with Transformer Engine on a GPU
+    (what Megatron-LM's recipes run), on anywhere when asked for, off with --no-overlap-...;
+    the parameter all-gather overlap exists only with the distributed optimizer."""
+    par = config.parallel
+    default = resolved_transformer_impl(config.model) == "transformer_engine" and torch.cuda.is_available()
+    grad = par.overlap_grad_reduce or (default and not par.no_overlap_grad_reduce)
+    param = par.use_distributed_optimizer and (
+        par.overlap_param_gather or (default and not par.no_overlap_param_gather))
+    return dict(overlap_grad_reduce=grad, overlap_param_gather=param)
+
+
+def check_fp8(fp8_format: str | None, fp8_recipe: str, transformer_impl: str,
+              capability: tuple[int, int] | None) -> None:
+    """FP8 needs Transformer Engine and a GPU generation that runs the recipe (``capability`` is
+    torch.cuda.get_device_capability(), None without CUDA)."""
+    if fp8_format is None:
+        return
+    if transformer_impl != "transformer_engine":
+        why = "is not installed" if not transformer_engine_available() else "is not used (--transformer-impl local)"
+        raise ValueError(f"--fp8-format needs Transformer Engine, which {why}; install it "
+                         "(pip install 'megatron_tst[te]' on a CUDA machine) or drop --fp8-format")
+    if capability is None:
+        raise ValueError("--fp8-format needs a CUDA GPU; drop --fp8-format on this machine")
+    if capability < (8, 9):
+        raise ValueError(f"--fp8-format needs an Ada, Hopper or Blackwell GPU (compute capability >= 8.9); "
+                         f"this one is {capability[0]}.{capability[1]}: drop --fp8-format and train in bf16")
+    if fp8_recipe == "mxfp8" and capability < (10, 0):
+        raise ValueError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability >= 10.0); this one is "
+                         f"{capability[0]}.{capability[1]}: use --fp8-recipe delayed, tensorwise or blockwise")
+    if fp8_recipe == "blockwise" and capability < (9, 0):
+        raise ValueError(f"--fp8-recipe blockwise needs a Hopper or newer GPU (compute capability >= 9.0); "
+                         f"this one is {capability[0]}.{capability[1]}: use --fp8-recipe delayed or tensorwise")
+
+
+def check_environment(config: PretrainConfig) -> None:
+    """What this machine cannot run (layer implementation, FP8, sequence parallelism), refused in
+    one line before any process group exists. Separate from ``validate`` so that a recipe's flags
+    can be checked on a machine other than the one that runs it."""
+    model, par = config.model, config.parallel
+    impl = resolved_transformer_impl(model)
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("--transformer-impl transformer_engine needs Transformer Engine, which is not installed; "
+                         "install it (pip install 'megatron_tst[te]' on a CUDA machine) or use --transformer-impl local")
+    if impl == "local" and par.sequence_parallel:
+        raise ValueError("--sequence-parallel needs Transformer Engine's layers: megatron-core's local spec "
+                         "(torch RMSNorm) cannot run it; install Transformer Engine or drop --sequence-parallel")
+    if impl == "local" and not transformer_engine_available() and importlib.util.find_spec("apex") is not None:
+        raise ValueError("Apex is installed without Transformer Engine: megatron-core's local spec then builds "
+                         "Apex's FusedLayerNorm, which has no RMSNorm; install Transformer Engine or uninstall apex")
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+
+
 def validate(config: PretrainConfig) -> None:
     """One-line errors for settings that cannot work, before anything is built."""
     model, training, par = config.model, config.training, config.parallel
+    if model.transformer_impl not in (None, "local", "transformer_engine"):
+        raise ValueError(f"--transformer-impl {model.transformer_impl} is not one of local, transformer_engine")
+    if model.fp8_format is not None and model.fp8_format not in FP8_FORMATS:
+        raise ValueError(f"--fp8-format {model.fp8_format} is not one of {', '.join(FP8_FORMATS)}")
+    if model.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"--fp8-recipe {model.fp8_recipe} is not one of {', '.join(FP8_RECIPES)}")
+    if par.overlap_grad_reduce and par.no_overlap_grad_reduce:
+        raise ValueError("--overlap-grad-reduce and --no-overlap-grad-reduce contradict each other; give one")
+    if par.overlap_param_gather and par.no_overlap_param_gather:
+        raise ValueError("--overlap-param-gather and --no-overlap-param-gather contradict each other; give one")
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
     if model.normalization != "RMSNorm":
         raise ValueError(f"--normalization {model.normalization} is not supported; use RMSNorm")
     if model.position_embedding_type != "rope":
@@ -233,6 +358,8 @@ def validate(config: PretrainConfig) -> None:
                          "context-parallel attention only there); install it or use --context-parallel-size 1")
     if par.context_parallel_size > 1 and model.seq_length % (2 * par.context_parallel_size):
         raise ValueError(f"--seq-length {model.seq_length} must divide by 2 x --context-parallel-size")
+    if par.distributed_timeout_minutes <= 0:
+        raise ValueError(f"--distributed-timeout-minutes must be > 0, got {par.distributed_timeout_minutes}")
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if arch.num_layers % par.pipeline_model_parallel_size:

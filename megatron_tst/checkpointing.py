@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -52,8 +54,73 @@ def read_run_config(root: str, iteration: int | None = None) -> dict:
     iteration = latest_iteration(root) if iteration is None else iteration
     if iteration is None:
         raise CheckpointError(f"no checkpoint under {root} ({TRACKER} is missing)")
+    verify(root, iteration)
     with open(os.path.join(checkpoint_dir(root, iteration), RUN_CONFIG)) as handle:
         return json.load(handle)
+
+
+def damage(directory: str) -> str | None:
+    """What is wrong with the checkpoint in ``directory`` (a missing or truncated file), or None when
+    every file its metadata names is there at full length. Reads only metadata and file sizes."""
+    if not os.path.isdir(directory):
+        return f"{directory} is missing"
+    for name in (".metadata", "common.pt", "metadata.json", RUN_CONFIG):
+        if not os.path.isfile(os.path.join(directory, name)):
+            return f"{os.path.join(directory, name)} is missing"
+    try:
+        with open(os.path.join(directory, RUN_CONFIG)) as handle:
+            json.load(handle)
+    except ValueError:
+        return f"{os.path.join(directory, RUN_CONFIG)} is not valid JSON (truncated?)"
+    torch_files = ["common.pt"]  # torch.save writes zip archives: a truncated one has no directory
+    rng_dir = os.path.join(directory, "rng")
+    if os.path.isdir(rng_dir):
+        torch_files += [os.path.join("rng", name) for name in sorted(os.listdir(rng_dir)) if name.endswith(".pt")]
+    for name in torch_files:
+        if not zipfile.is_zipfile(os.path.join(directory, name)):
+            return f"{os.path.join(directory, name)} is truncated or corrupted"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(directory).read_metadata().storage_data
+    except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f"{os.path.join(directory, '.metadata')} is unreadable ({type(error).__name__})"
+    needed = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for relative_path, size in sorted(needed.items()):
+        path = os.path.join(directory, relative_path)
+        if not os.path.isfile(path):
+            return f"shard {path} is missing"
+        if os.path.getsize(path) < size:
+            return f"shard {path} is truncated ({os.path.getsize(path):,} of {size:,} bytes)"
+    return None
+
+
+_verified: set[str] = set()
+
+
+def verify(root: str, iteration: int) -> None:
+    """Refuse a damaged checkpoint with what is wrong and which earlier checkpoint is complete;
+    never fall back to an older one silently (that would retrain steps without saying so)."""
+    directory = checkpoint_dir(root, iteration)
+    if directory in _verified:
+        return
+    problem = damage(directory)
+    if problem is None:
+        _verified.add(directory)
+        return
+    earlier = [int(name[5:]) for name in os.listdir(root) if re.fullmatch(r"iter_\d{7}", name)
+               and int(name[5:]) < iteration] if os.path.isdir(root) else []
+    complete = next((it for it in sorted(earlier, reverse=True) if damage(checkpoint_dir(root, it)) is None), None)
+    if complete is None:
+        fix = (f"no earlier complete checkpoint is under {root}: restore the file from a copy, or start "
+               "afresh with another --save directory")
+    else:
+        fix = (f"the newest complete earlier checkpoint is {checkpoint_dir(root, complete)}: restore the "
+               f"file from a copy, or resume from iteration {complete} by writing {complete} into "
+               f"{os.path.join(root, TRACKER)}")
+    raise CheckpointError(f"checkpoint {directory} is damaged: {problem}; {fix}")
 
 
 def _rank() -> int:
@@ -130,7 +197,7 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
     if iteration is None:
         raise CheckpointError(f"no checkpoint to load under {root} ({TRACKER} is missing)")
     directory = checkpoint_dir(root, iteration)
-    run_config = read_run_config(root, iteration)
+    run_config = read_run_config(root, iteration)  # verifies the files first
     request = _sharded_state(model_chunks, optimizer if load_optimizer else None, for_loading=True)
     try:
         loaded = dist_checkpointing.load(request, directory)

@@ -1,12 +1,15 @@
 """Training metrics: a console line and a JSON record per --log-interval, TensorBoard if asked.
 
 Records go to ``<save>/metrics.jsonl`` (one JSON object per line). Step records carry: iteration,
-phase, loss (the MCE in phase 1), loss_minus_log_s (phase 1: comparable with next-token losses'
-scale), lr, grad_norm, raw_tokens (data tokens consumed so far), latent_positions (positions the
-model processed so far), model_flops (so far), tokens_per_s (raw data tokens per second),
-step_time_s, and mfu when --peak-flops is given. Validation records carry validation_loss (always a
-next-token loss). Totals are kept in checkpoints, and on resume records past the resumed iteration
-(written after the checkpoint by the interrupted run) are dropped.
+phase, loss (the MCE in phase 1), loss_minus_target_entropy (phase 1 only: the MCE minus its floor,
+the entropy of the normalised slot weights (log s for uniform weights, 0 for input-only mode or the
+"first" weighting): the paper's KL form, 0 at the optimum; like the MCE it measures a bag-prediction
+task and is NOT comparable with next-token losses), lr, grad_norm, raw_tokens (data tokens
+consumed so far), latent_positions (positions the model processed so far), model_flops (so far),
+tokens_per_s (raw data tokens per second), step_time_s, and mfu when --peak-flops is given.
+Validation records carry validation_loss (always a next-token loss). Totals are kept in
+checkpoints, and on resume records past the resumed iteration (written after the checkpoint by the
+interrupted run) are dropped.
 """
 
 from __future__ import annotations
@@ -20,9 +23,19 @@ def model_flops_per_position(arch, seq_length: int) -> float:
     free) plus causal-agnostic attention scores and values, 4 x seq x query width per layer
     (Megatron's accounting). Training costs three times this."""
     counts = arch.parameter_counts()
-    matmul_weights = counts["active"] - arch.vocab_size * arch.hidden_size
+    # the output head is a matmul whether or not it shares its table with the input embedding
+    lookup_table = arch.vocab_size * arch.hidden_size if arch.untie_embeddings_and_output_weights else 0
+    matmul_weights = counts["active"] - lookup_table
     attention = 4 * seq_length * arch.num_attention_heads * arch.head_dim * arch.num_layers
     return 2 * matmul_weights + attention
+
+
+def _logged_by(line: str, iteration: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of an iteration up to ``iteration``."""
+    try:
+        return json.loads(line)["iteration"] <= iteration
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 class MetricsLogger:
@@ -47,8 +60,8 @@ class MetricsLogger:
         self.raw_tokens, self.positions, self.flops = (
             totals["raw_tokens"], totals["latent_positions"], totals["model_flops"])
         if self.path and os.path.isfile(self.path):  # drop what the interrupted run logged after the checkpoint
-            with open(self.path) as handle:
-                kept = [line for line in handle if line.strip() and json.loads(line)["iteration"] <= iteration]
+            with open(self.path) as handle:  # a record cut short by a kill (no newline) is dropped too
+                kept = [line for line in handle if line.endswith("\n") and _logged_by(line, iteration)]
             with open(self.path + ".tmp", "w") as handle:
                 handle.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -63,7 +76,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key != "iteration" and value is not None:
                     self._tensorboard.add_scalar(key, value, record["iteration"])
 
-    def step(self, *, iteration, phase, loss, bag_size, lr, grad_norm, raw_tokens, positions, flops,
+    def step(self, *, iteration, phase, loss, target_entropy, lr, grad_norm, raw_tokens, positions, flops,
              step_time, peak_flops, world_size, log) -> None:
         self.raw_tokens += raw_tokens
         self.positions += positions
@@ -80,7 +93,7 @@ class MetricsLogger:
             "iteration": iteration,
             "phase": phase,
             "loss": mean_loss,
-            "loss_minus_log_s": mean_loss - math.log(bag_size) if superposition else None,
+            "loss_minus_target_entropy": mean_loss - target_entropy if superposition else None,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "raw_tokens": self.raw_tokens,
@@ -91,7 +104,7 @@ class MetricsLogger:
             "mfu": sum(window_flops) / elapsed / (peak_flops * world_size) if peak_flops and elapsed else None,
         }
         self._write(record)
-        kl = f" (MCE-log s {record['loss_minus_log_s']:.4f})" if superposition else ""
+        kl = f" (KL-scale {record['loss_minus_target_entropy']:.4f})" if superposition else ""
         mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
         grad = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
         print(f" iteration {iteration:8d} | {phase:13s} | loss {mean_loss:.4f}{kl} | lr {lr:.3e} | "

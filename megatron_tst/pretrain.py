@@ -9,8 +9,8 @@ recovery job in fresh processes). Without TST flags it is the matched baseline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -29,9 +29,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_tst import checkpointing, parallel
-from megatron_tst.arguments import PretrainConfig, parse_args, wsd_decay_iters
+from megatron_tst import checkpointing, device, orphan, parallel, preflight
+from megatron_tst.arguments import (
+    PretrainConfig, check_environment, fusion_settings, overlap_settings, parse_args, resolved_transformer_impl,
+    wsd_decay_iters,
+)
 from megatron_tst.data import DataConfig, TSTData
+from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
@@ -52,11 +56,12 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         context_parallel_size=par.context_parallel_size,
         sequence_parallel=par.sequence_parallel,
         bf16=config.model.bf16,
-        transformer_impl=config.model.transformer_impl,
+        transformer_impl=resolved_transformer_impl(config.model),
         fp8_format=config.model.fp8_format,
         fp8_recipe=config.model.fp8_recipe,
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
+        **fusion_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -69,10 +74,13 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage, seq_length=config.model.seq_length,
         ))
+    overlap = overlap_settings(config)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
+        # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
+        align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
     )
-    chunks = [DistributedDataParallel(model_config, ddp_config, chunk) for chunk in chunks]
+    chunks = [DistributedDataParallel(model_config, ddp_config, device.module_to_device(chunk)) for chunk in chunks]
     return chunks, model_config
 
 
@@ -96,6 +104,26 @@ def build_optimizer(config: PretrainConfig, chunks, model_config):
     return optimizer, scheduler
 
 
+def one_or_list(functions: list):
+    """megatron-core's schedules take one function for one model chunk, a list for several."""
+    return functions[0] if len(functions) == 1 else functions
+
+
+@contextlib.contextmanager
+def parameters_in_sync(chunks):
+    """With --overlap-param-gather the distributed optimizer leaves the all-gather of updated
+    parameters to the next forward's pre-hooks; evaluation and checkpoints need them now. As
+    Megatron-LM: hooks off with a synchronous gather, back on afterwards."""
+    hooked = [chunk for chunk in chunks if chunk.use_forward_hook]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
+
+
 def loss_func(labels, output_tensor):
     """Megatron's loss contract with calculate_per_token_loss: (sum, token count, report)."""
     losses = output_tensor
@@ -109,26 +137,28 @@ def loss_func(labels, output_tensor):
 def forward_step(data_iterator, model):
     # samples arrive folded (b, L, s); context parallelism takes this rank's two chunks of latent
     # positions, so a bag and its next-bag targets are never split
-    batch = get_batch_on_this_cp_rank(next(data_iterator))
+    batch = get_batch_on_this_cp_rank(device.batch_to_device(next(data_iterator)))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(loss_func, batch["labels"])
 
 
 def run_step(chunks, data_iterators, num_microbatches, config: PretrainConfig, forward_only=False):
-    """One global batch through megatron-core's schedule; returns (loss sum, token count)."""
+    """One global batch through megatron-core's schedule; returns (loss sum, token count) as a
+    float64 tensor on this rank's device, summed over the job (read it once, with the step's other
+    numbers: no host synchronisation here)."""
     iterator = data_iterators if len(chunks) > 1 else data_iterators[0]
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterator, model=chunks,
         num_microbatches=num_microbatches, seq_length=config.model.seq_length,
         micro_batch_size=config.training.micro_batch_size, forward_only=forward_only,
     )
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = device.zeros(2, dtype=torch.float64)
     for report in reports:  # only the last pipeline stage has reports
         totals += report["lm loss"].double()
     if dist.is_initialized():  # sum over data-parallel ranks, then share with every pipeline stage
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return totals[0].item(), totals[1].item()
+    return totals
 
 
 class StopFlags:
@@ -142,11 +172,13 @@ class StopFlags:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def agreed(self) -> torch.Tensor:
+        """1 on every rank when any rank was asked to stop, as a device tensor (read with the step's
+        loss, in the step's one host synchronisation)."""
+        flag = device.zeros(1, dtype=torch.float64).fill_(1.0 if self.requested else 0.0)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return flag
 
 
 def tokenizer_info(config: PretrainConfig):
@@ -163,21 +195,28 @@ def tokenizer_info(config: PretrainConfig):
 
 
 def data_state_matches(saved: dict, current: dict) -> str | None:
-    """The data plan of a resumed run must be the one the checkpoint was made with."""
+    """The data plan of a resumed run must be the one the checkpoint was made with (fields a
+    checkpoint does not record, from an older version, are not compared)."""
     for key, value in current.items():
         if key in saved and saved[key] != value:
+            if isinstance(value, dict) and isinstance(saved[key], dict):  # name the field that differs
+                inner = data_state_matches(saved[key], value)
+                if inner:
+                    return f"{key}.{inner}"
             return f"{key} is {value!r} but the checkpoint was made with {saved[key]!r}"
     return None
 
 
 def pretrain(config: PretrainConfig) -> dict:
     training, par, ckpt = config.training, config.parallel, config.checkpoint
+    preflight.check(config)  # every rank, before any collective: no rank fails alone later
     parallel.initialize(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         context_parallel_size=par.context_parallel_size, seed=training.seed,
+        timeout_minutes=par.distributed_timeout_minutes,
     )
     dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=False)
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=False)
@@ -192,16 +231,26 @@ def pretrain(config: PretrainConfig) -> dict:
     arch = dataclasses.replace(config.model.architecture(), vocab_size=config.model.vocab_size or vocab_size)
     chunks, model_config = build_model(config, arch, plan)
     optimizer, scheduler = build_optimizer(config, chunks, model_config)
-    model_config.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    model_config.no_sync_func = one_or_list([chunk.no_sync for chunk in chunks])
+    if chunks[0].ddp_config.overlap_grad_reduce:  # the schedule starts each chunk's reduction (Megatron-LM's align_grad_reduce)
+        model_config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in chunks])
+    if chunks[0].ddp_config.align_param_gather:
+        model_config.param_sync_func = one_or_list([chunk.start_param_sync for chunk in chunks])
     model_config.grad_scale_func = optimizer.scale_loss
     model_config.finalize_model_grads_func = finalize_model_grads
+
+    # a resume must see the same corpus files and tokenizer (by content, not by path alone)
+    data_files = dataset_files_identity(config.data.data_path)
+    tokenizer = tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod)
 
     def data_identity(data_plan):
         return dict(data_path=list(config.data.data_path), split=config.data.split, seed=training.seed,
                     seq_length=config.model.seq_length, global_batch_size=global_batch,
-                    train_iters=training.train_iters,
+                    train_iters=training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
+                    data_files=data_files, tokenizer=tokenizer,
                     tst=dict(bag_size=data_plan.bag_size, switch_iter=data_plan.switch_iter,
-                             total_iters=data_plan.total_iters, mode=data_plan.mode) if data_plan else None)
+                             total_iters=data_plan.total_iters, mode=data_plan.mode,
+                             loss_weighting=data_plan.loss_weighting) if data_plan else None)
 
     is_logger = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
     metrics = MetricsLogger(ckpt.save, config.logging.tensorboard_dir, enabled=is_logger)
@@ -210,6 +259,9 @@ def pretrain(config: PretrainConfig) -> dict:
     load_root = ckpt.load
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None:
         load_root = ckpt.save  # the same command resumes from its own newest checkpoint
+    if load_root and checkpointing.read_run_config(load_root).get("weights_only"):
+        load_imported_weights(load_root, modules, optimizer, arch)  # from-hf: a fresh run from its weights
+        load_root = None
     if load_root:
         saved = checkpointing.read_run_config(load_root)
         if saved.get("model") is not None and saved["model"] != dataclasses.asdict(arch):
@@ -222,10 +274,13 @@ def pretrain(config: PretrainConfig) -> dict:
         if plan is None and saved_tst is not None and common["tst_state"] is None:
             # a converted phase-1 checkpoint: recovery keeps reading the data TST planned for it
             data_plan = TSTPlan(bag_size=saved_tst["bag_size"], total_iters=saved_tst["total_iters"],
-                                switch_iter=saved_tst["switch_iter"], mode=saved_tst["mode"])
+                                switch_iter=saved_tst["switch_iter"], mode=saved_tst["mode"],
+                                loss_weighting=saved_tst.get("loss_weighting", "uniform"))
         mismatch = data_state_matches(common["data_identity"], data_identity(data_plan))
         if mismatch:
-            raise checkpointing.CheckpointError(f"cannot resume from {load_root}: {mismatch}")
+            raise checkpointing.CheckpointError(
+                f"cannot resume from {checkpointing.checkpoint_dir(load_root, state['iteration'])}: {mismatch}; "
+                "run with the checkpoint's settings, or give another --save directory to start a new run")
         iteration, consumed = state["iteration"], dict(common["consumed_samples"])
         metrics.restore(common["metrics"], iteration)
         if common.get("reinit_embeddings"):
@@ -245,7 +300,9 @@ def pretrain(config: PretrainConfig) -> dict:
 
     run_config = dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(plan) if plan else None,
                       parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
-                          arch.vocab_size, par.tensor_model_parallel_size))
+                          arch.vocab_size, par.tensor_model_parallel_size),
+                      tokenizer=dict(type=config.data.tokenizer_type, model=os.path.abspath(config.data.tokenizer_model)
+                                     if config.data.tokenizer_model else None))  # for the HF export
 
     def save(at_iteration):
         if ckpt.save:
@@ -253,10 +310,12 @@ def pretrain(config: PretrainConfig) -> dict:
                           metrics=metrics.totals(),
                           tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
                                          phase=data.phase_of(at_iteration)) if plan else None)
-            checkpointing.save(ckpt.save, at_iteration, modules, optimizer, scheduler, common, run_config)
+            with parameters_in_sync(chunks):
+                checkpointing.save(ckpt.save, at_iteration, modules, optimizer, scheduler, common, run_config)
 
     flops_per_position = model_flops_per_position(arch, config.model.seq_length)
     stop = StopFlags()
+    orphan.stop_when_orphaned()  # a worker whose torchrun died saves and stops
     iterators, iterator_phase = None, None
     for chunk in chunks:
         chunk.train()
@@ -273,8 +332,9 @@ def pretrain(config: PretrainConfig) -> dict:
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        loss_sum, tokens = run_step(chunks, iterators, num_microbatches, config)
+        totals = run_step(chunks, iterators, num_microbatches, config)
         succeeded, grad_norm, _ = optimizer.step()
+        loss_sum, tokens, stop_requested = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
         scheduler.step(increment=1)
         iteration += 1
         consumed[phase] = consumed.get(phase, 0) + global_batch
@@ -282,7 +342,8 @@ def pretrain(config: PretrainConfig) -> dict:
         if not math.isfinite(loss):
             raise TrainingStopped(f"loss is {loss} at iteration {iteration} ({phase} phase); stopping "
                                   "without saving. Lower --lr or check the data, then resume from the last checkpoint")
-        metrics.step(iteration=iteration, phase=phase, loss=loss, bag_size=plan.bag_size if plan else 1,
+        metrics.step(iteration=iteration, phase=phase, loss=loss,
+                     target_entropy=plan.target_entropy if plan else 0.0,
                      lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
                      raw_tokens=global_batch * (data.sample_length[phase] - 1),
                      positions=global_batch * config.model.seq_length,
@@ -294,7 +355,7 @@ def pretrain(config: PretrainConfig) -> dict:
                                              or iteration == training.train_iters):
             metrics.validation(iteration, phase, evaluate(chunks, data, config, dp_rank, dp_size))
         exit_now = bool(ckpt.exit_interval) and iteration % ckpt.exit_interval == 0
-        if stop.agreed() or exit_now:
+        if stop_requested or exit_now:
             save(iteration)
             metrics.close()
             return {"iteration": iteration, "stopped": "exit interval" if exit_now else "signal",
@@ -307,15 +368,63 @@ def pretrain(config: PretrainConfig) -> dict:
     return {"iteration": iteration, "stopped": None, "history": metrics.history}
 
 
-def reinitialise_embeddings(modules, optimizer) -> None:
-    """The paper's Table 2 ablation: fresh input embedding and output head at the switch."""
+def load_imported_weights(root: str, modules, optimizer, arch) -> None:
+    """A weights-only checkpoint (``tools/convert_checkpoint.py from-hf``): load its weights and start a
+    fresh run at iteration 0 with new optimizer state, schedule and data position (Megatron's --finetune)."""
+    saved = checkpointing.read_run_config(root)["model"]
+    ours = dataclasses.asdict(arch)
+    training_only = ("init_method_std", "moe_aux_loss_coeff")  # hyper-parameters, not the weights' shape
+    if {k: v for k, v in saved.items() if k not in training_only} != {k: v for k, v in ours.items() if k not in training_only}:
+        raise checkpointing.CheckpointError(
+            f"{root} holds a model of another shape ({_shape_difference(saved, ours)}); give the imported "
+            "model's shape flags (see its run_config.json)")
+    checkpointing.load(root, modules, optimizer, None, load_optimizer=False)
+
+
+def reinitialise_embeddings(modules, optimizer) -> list:
+    """The paper's Table 2 ablation: fresh input embedding and output head at the switch.
+
+    Their Adam moments (exp_avg, exp_avg_sq) are zeroed too, so the new tables do not inherit the
+    phase-1 tables' update statistics; every other parameter keeps its state. megatron-core keeps
+    one Adam step count for all parameters, so bias correction is not restarted: the new tables'
+    first updates are smaller than a fresh optimizer's (sign-like steps of ~0.45 lr, growing to
+    full size within ~10 steps). Returns the re-initialised parameters."""
+    fresh = []
     with torch.no_grad(), tensor_parallel.get_cuda_rng_tracker().fork():  # distinct per TP shard
         for module in modules:
             if hasattr(module, "embedding"):
                 module.config.embedding_init_method(module.embedding.word_embeddings.weight)
+                fresh.append(module.embedding.word_embeddings.weight)
             if getattr(module, "post_process", False) and not module.share_embeddings_and_output_weights:
                 module.config.init_method(module.output_layer.weight)
+                fresh.append(module.output_layer.weight)
     optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the new weights
+    for moments in adam_moments(optimizer, fresh):
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in moments:
+                moments[name].zero_()
+    return fresh
+
+
+def adam_moments(optimizer, params) -> list[dict]:
+    """The live Adam state tensors ({"exp_avg": ..., "exp_avg_sq": ...}) of model ``params`` in a
+    megatron-core optimizer, chained or not. The distributed optimizer holds state only for this
+    rank's shard of each parameter (found through its model-param -> main-shard map); the float16
+    optimizer for the fp32 ``main_param`` copy; the fp32 one for the parameter itself. Parameters
+    without state here (another rank's shard, no step taken yet) are skipped."""
+    found = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param in params:
+            if hasattr(inner, "model_param_group_index_map"):  # DistributedOptimizer
+                if param in inner.model_param_group_index_map:
+                    state = inner._get_main_param_and_optimizer_states(param)
+                    found.append({k: v for k, v in state.items() if k != "param"})
+                continue
+            main = getattr(param, "main_param", None)
+            main = param if main is None else main
+            if main in inner.optimizer.state:
+                found.append(inner.optimizer.state[main])
+    return found
 
 
 def evaluate(chunks, data: TSTData, config: PretrainConfig, dp_rank: int, dp_size: int) -> float | None:
@@ -337,8 +446,8 @@ def evaluate(chunks, data: TSTData, config: PretrainConfig, dp_rank: int, dp_siz
             samples = [data.valid_sample(i) for i in range(start, start + mbs)]
             yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
-    with torch.no_grad():
-        loss_sum, tokens = run_step(chunks, [valid_batches() for _ in chunks], iters, config, forward_only=True)
+    with torch.no_grad(), parameters_in_sync(chunks):
+        loss_sum, tokens = run_step(chunks, [valid_batches() for _ in chunks], iters, config, forward_only=True).tolist()
     for chunk in chunks:
         chunk.train()
     return loss_sum / max(tokens, 1)
@@ -352,6 +461,7 @@ def _shape_difference(saved: dict, current: dict) -> str:
 def main(argv=None) -> int:
     try:
         config = parse_args(argv)
+        check_environment(config)
         result = pretrain(config)
     except (ValueError, FileNotFoundError, TrainingStopped) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

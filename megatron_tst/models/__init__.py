@@ -4,6 +4,7 @@ from megatron_tst.models.gpt import (
     PRESETS,
     GPTArchitecture,
     build_gpt_model,
+    default_transformer_impl,
     layer_spec,
     padded_vocab_size,
     preset,
@@ -12,6 +13,6 @@ from megatron_tst.models.gpt import (
 )
 
 __all__ = [
-    "PRESETS", "GPTArchitecture", "build_gpt_model", "layer_spec", "padded_vocab_size", "preset",
+    "PRESETS", "GPTArchitecture", "build_gpt_model", "default_transformer_impl", "layer_spec", "padded_vocab_size", "preset",
     "transformer_config", "transformer_engine_available",
 ]

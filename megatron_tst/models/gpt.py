@@ -115,6 +115,11 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def default_transformer_impl() -> str:
+    """Transformer Engine where it is importable on a CUDA machine, megatron-core's local modules otherwise."""
+    return "transformer_engine" if transformer_engine_available() and torch.cuda.is_available() else "local"
+
+
 def transformer_config(
     arch: GPTArchitecture,
     *,
@@ -136,9 +141,7 @@ def transformer_config(
     ``transformer_impl`` None picks Transformer Engine when it is importable on a CUDA machine and
     megatron-core's local modules otherwise.
     """
-    if transformer_impl is None:
-        use_te = transformer_engine_available() and torch.cuda.is_available()
-        transformer_impl = "transformer_engine" if use_te else "local"
+    transformer_impl = transformer_impl or default_transformer_impl()
     if transformer_impl not in ("local", "transformer_engine"):
         raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
     if transformer_impl == "transformer_engine" and not transformer_engine_available():

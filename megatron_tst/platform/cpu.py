@@ -2,8 +2,10 @@
 
 megatron-core assumes CUDA throughout: ~110 sites call ``torch.cuda.current_device()``, ~60 use a
 literal ``"cuda"``/``.cuda()``, its RNG tracker drives the CUDA generator, and a few code paths only
-work with CUDA tensors. This module is the one place that papers over that, and it does nothing when
-CUDA is available. Each patch has an id (used by ``MEGATRON_TST_CPU_SKIP=id,id`` to leave it out,
+work with CUDA tensors. This module is the one place that papers over that. With CUDA it applies
+only M4, which mends upstream bugs of torch's Adam under the distributed optimizer: those depend on
+Transformer Engine and Apex being absent (megatron-core then falls back to torch's Adam), not on
+the device. Each patch has an id (used by ``MEGATRON_TST_CPU_SKIP=id,id`` to leave it out,
 which is how ``tests/test_platform.py`` shows that each one is needed).
 
 torch-level patches (must run before ``megatron.core.tensor_parallel.layers`` is imported):
@@ -21,6 +23,7 @@ megatron-level patches:
   M2 te_general_gemm the MoE router names ``te_general_gemm`` even without Transformer Engine
   M3 moe_dtoh        MoE split sizes become numpy for CPU tensors too (gloo needs lists)
   M4 distopt_ckpt    three upstream bugs of DistributedOptimizer checkpointing with torch Adam
+                     (applied whenever neither Transformer Engine nor Apex is importable, GPU or not)
 
 Known limits: context parallelism needs TEDotProductAttention (Transformer Engine), sequence
 parallelism needs a norm that is not ``WrappedTorchNorm``; literal ``"cuda"`` inside a custom
@@ -256,10 +259,15 @@ def install() -> None:
 def install_megatron() -> None:
     """The M patches, on megatron-core's modules (imported here). Idempotent; called by
     ``megatron_tst.parallel.initialize`` before any model, optimizer or RNG tracker is used, so
-    importing megatron_tst stays cheap for tools that never touch megatron-core's models."""
+    importing megatron_tst stays cheap for tools that never touch megatron-core's models. With CUDA
+    only M4 (keyed inside on Transformer Engine and Apex being absent)."""
     global _megatron_patched
-    if torch.cuda.is_available() or _megatron_patched:
+    if _megatron_patched:
         return
-    install()
-    _install_megatron_patches()
+    if torch.cuda.is_available():
+        if _enabled("distopt_ckpt"):
+            _fix_distributed_optimizer_with_torch_adam()
+    else:
+        install()
+        _install_megatron_patches()
     _megatron_patched = True

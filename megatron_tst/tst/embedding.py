@@ -34,14 +34,13 @@ class BagVocabParallelEmbedding(VocabParallelEmbedding):
         tensor_parallel = self.tp_group.size() > 1
         if tensor_parallel:
             off_shard = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
-            local_ids = input_ - self.vocab_start_index
-            local_ids[off_shard] = 0
+            local_ids = (input_ - self.vocab_start_index).masked_fill_(off_shard, 0)  # no host sync
         else:
             local_ids = input_
         # One lookup for all slots: one weight-gradient scatter in backward, not s dense ones.
         slot_embeddings = self.weight[local_ids] if self.deterministic_mode else F.embedding(local_ids, self.weight)
         if tensor_parallel:
-            slot_embeddings[off_shard, :] = 0.0
+            slot_embeddings = slot_embeddings.masked_fill_(off_shard.unsqueeze(-1), 0.0)
         bag_sum = slot_embeddings.sum(dim=2, dtype=torch.float32)
         if self.reduce_scatter_embeddings:
             bag_sum = reduce_scatter_to_sequence_parallel_region(

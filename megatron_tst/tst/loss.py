@@ -2,7 +2,8 @@
 
 MCE of a latent position = the weighted mean of s ordinary CE terms on the same logits,
 sum_i w_i CE(z, y_i) / sum_i w_i (paper Section 3, Appendix D; the -log s of the KL form has no
-gradient and is left out, so the logged value has a floor of log s for uniform weights).
+gradient and is left out, so the logged value has a floor: ``target_entropy``, log s for uniform
+weights).
 
 Normalisation used for training (``fused_vocab_parallel_mce`` with ``mce_target_weights``):
 target (position j, slot i) gets the weight t_ji = m_ji * s * w_i / sum_k w_k (the slot weights
@@ -19,6 +20,7 @@ Listing 3's value exactly (the tests use it to compare the fused kernel with the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Union
 
@@ -27,13 +29,24 @@ import torch.nn.functional as F
 
 from megatron_tst.tst.fold import IGNORE_INDEX, check_bag_size, fold_labels
 
-WEIGHTINGS = ("uniform", "power", "exp", "first")
+WEIGHTINGS = ("uniform", "power", "exp", "first", "mi")
 Weighting = Union[str, Sequence[float]]
+
+# Appendix D's fit of the mutual information between two DCLM tokens d positions apart:
+# MI(d) = C0 + a * d**k. The "mi" weighting uses the distance-dependent part a * d**k and leaves the
+# constant C0 out (the paper does not say which it used): C0 is the long-range plateau every slot
+# shares (with it the weights would be within 1.4x of uniform for any s); without it "mi" is a
+# steeper power law than "power" (d^-1.25 vs 1/d; a cancels in the normalisation). Slot i of a
+# bag is d = i tokens after the last token of the input bag (or after the input token in
+# output-only mode). The weights with C0 are one custom sequence away:
+# [MI_FIT_C0 + MI_FIT_A * d**MI_FIT_K for d in 1..s].
+MI_FIT_C0, MI_FIT_A, MI_FIT_K = 3.63, 1.35, -1.25
 
 
 def bag_weights(num_slots: int, weighting: Weighting = "uniform") -> list[float]:
     """Per-slot weights w_1..w_s (1-indexed i): uniform 1, power 1/i, exp exp(-i), first delta_1(i),
-    or an explicit sequence of s non-negative floats."""
+    mi a*i^k (Appendix D's mutual-information fit without its constant, see MI_FIT_*), or an
+    explicit sequence of s non-negative floats."""
     check_bag_size(num_slots)
     if isinstance(weighting, str):
         if weighting == "uniform":
@@ -44,6 +57,8 @@ def bag_weights(num_slots: int, weighting: Weighting = "uniform") -> list[float]
             return [math.exp(-i) for i in range(1, num_slots + 1)]
         if weighting == "first":
             return [1.0] + [0.0] * (num_slots - 1)
+        if weighting == "mi":
+            return [MI_FIT_A * i**MI_FIT_K for i in range(1, num_slots + 1)]
         raise ValueError(
             f"loss weighting must be one of {', '.join(WEIGHTINGS)} or a sequence of s floats; "
             f"got {weighting!r}"
@@ -54,6 +69,17 @@ def bag_weights(num_slots: int, weighting: Weighting = "uniform") -> list[float]
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"loss weights must be finite, >= 0 and not all 0; got {weights}")
     return weights
+
+
+def target_entropy(num_slots: int, weighting: Weighting = "uniform") -> float:
+    """Entropy (nats) of the normalised slot weights p_i = w_i / sum w: the floor of the phase-1
+    loss, so loss - target_entropy is the paper's KL form (0 at the optimum). log s for uniform, 0
+    for "first" and for one slot (input-only mode). Exact when a position's s targets are distinct
+    tokens and all valid; repeated tokens in a bag and the ignored tail of the last position(s)
+    (O(1/L)) make the true floor a little lower."""
+    weights = bag_weights(num_slots, weighting)
+    total = sum(weights)
+    return -sum(w / total * math.log(w / total) for w in weights if w > 0)
 
 
 def mce_loss_reference(logits: torch.Tensor, labels: torch.Tensor, weights: Weighting = "uniform"):
@@ -88,11 +114,18 @@ def mce_loss_reference(logits: torch.Tensor, labels: torch.Tensor, weights: Weig
     return loss / sum(slot_weights)
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_weights(num_slots: int, weighting: Weighting, device: torch.device) -> torch.Tensor:
+    # built once per (s, weighting, device): a fresh host tensor per micro-batch would be a blocking
+    # host-to-device copy on a GPU
+    weights = torch.tensor(bag_weights(num_slots, weighting), dtype=torch.float64)
+    return (weights * (num_slots / weights.sum())).to(device=device, dtype=torch.float32)
+
+
 def mce_target_weights(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
     """Training target weights t = m * s * w_i / sum w for labels (..., s): see the module docstring."""
-    weights = torch.tensor(bag_weights(labels.shape[-1], weighting), dtype=torch.float64)
-    weights = (weights * (len(weights) / weights.sum())).to(device=labels.device, dtype=torch.float32)
-    return (labels >= 0).to(torch.float32) * weights
+    key = weighting if isinstance(weighting, str) else tuple(float(w) for w in weighting)
+    return (labels >= 0).to(torch.float32) * _slot_weights(labels.shape[-1], key, labels.device)
 
 
 def listing3_target_weights(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
@@ -133,10 +166,8 @@ class _VocabParallelMCE(torch.autograd.Function):
         partition_vocab = work.shape[-1]
         vocab_start = rank * partition_vocab
         off_shard = (targets < vocab_start) | (targets >= vocab_start + partition_vocab)
-        local_targets = targets - vocab_start
-        local_targets[off_shard] = 0
-        predicted = torch.gather(work, -1, local_targets)
-        predicted[off_shard] = 0.0
+        local_targets = (targets - vocab_start).masked_fill_(off_shard, 0)  # masked_fill: no host sync
+        predicted = torch.gather(work, -1, local_targets).masked_fill_(off_shard, 0.0)
         torch.exp(work, out=work)
         sum_exp = work.sum(dim=-1)
         if world > 1:  # one reduction carries the s target logits and the partition sums

@@ -1,0 +1,29 @@
+"""A torchrun worker whose torchrun died (killed, or its node's launcher gone) must not train on
+unattended: it is asked to save and stop, as by SIGTERM. torchrun starts its workers in their own
+sessions, so killing torchrun's process group does not reach them; the launcher covers its own
+child with PR_SET_PDEATHSIG (launch.py), this covers torchrun's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def stop_when_orphaned(poll_seconds: float = 1.0) -> None:
+    """Under torchrun: SIGTERM this process once its parent (torchrun) is gone. Only there: a run
+    started by hand under nohup outlives its shell on purpose."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:  # a dead parent's children are re-parented
+            time.sleep(poll_seconds)
+        print(f"[rank {os.environ.get('RANK', '?')}] torchrun (pid {parent}) is gone: saving and stopping",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
