@@ -2,6 +2,8 @@
 # A tiny two-phase TST run that finishes in minutes on a CPU (2 processes: TP=2 over gloo by default).
 #   DATA_PATH=... TOKENIZER_MODEL=... CHECKPOINT_DIR=... bash examples/pretrain_tst_tiny_cpu.sh
 # (`make quickstart` builds such a dataset and tokenizer from text already on the machine.)
+# Provenance: every value here is [ours], sized for a CPU demo; only the method's defaults follow the
+# paper's recipe (WSD with the decay over the last steps, AdamW betas 0.9/0.95 by default, s in 4-8).
 source "$(dirname "${BASH_SOURCE[0]}")/tst_common.sh"
 require DATA_PATH "dataset prefix from tools/preprocess_data.py"
 require TOKENIZER_MODEL "SentencePiece .model from tools/train_tokenizer.py"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, on CPU in minutes: build a corpus from text already on this machine, train a
 # tokenizer, preprocess to Megatron's format, then train a tiny baseline and a tiny two-phase TST run
-# at equal steps (equal FLOPs) and print their next-token validation losses side by side.
+# at equal steps (equal FLOPs) and compare them with tools/tst_report.py (tables, iso-loss, figure).
 #   bash examples/quickstart.sh [workdir]        (default: runs/quickstart)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,16 +23,8 @@ export GPUS_PER_NODE=1 TP=1 TRAIN_ITERS=${TRAIN_ITERS:-300} PYTHON
 CHECKPOINT_DIR="$WORK/baseline" BASELINE=1 bash examples/pretrain_tst_tiny_cpu.sh
 CHECKPOINT_DIR="$WORK/tst" bash examples/pretrain_tst_tiny_cpu.sh
 
-"$PYTHON" - "$WORK" <<'PY'
-import json, os, sys
-work = sys.argv[1]
-def last_validation(path):
-    rows = [json.loads(line) for line in open(path)]
-    return [r for r in rows if "validation_loss" in r][-1], [r for r in rows if "loss" in r][-1]
-base, base_step = last_validation(os.path.join(work, "baseline", "metrics.jsonl"))
-tst, tst_step = last_validation(os.path.join(work, "tst", "recovery", "metrics.jsonl"))
-print(f"\nnext-token validation loss after {base['iteration']} equal-FLOPs steps:")
-print(f"  baseline  {base['validation_loss']:.4f}   ({base_step['raw_tokens']:,} raw training tokens)")
-print(f"  TST       {tst['validation_loss']:.4f}   ({tst_step['raw_tokens']:,} raw training tokens, s=4, r=0.3)")
-print(f"checkpoints and metrics.jsonl: {work}/baseline, {work}/tst/superposition, {work}/tst/recovery")
-PY
+"$PYTHON" tools/tst_report.py "$WORK/tst" --baseline "$WORK/baseline" --output "$WORK/report"
+echo "What this means: at this size (2 layers, ${TRAIN_ITERS} steps on CPU) the comparison shows the machinery end"\
+" to end, not the paper's result; the paper's gain (e.g. 3.212 -> 3.142 at 270M params, 20k steps of 2M"\
+" tokens) is measured far above this scale, and here TST may well end above the baseline (examples/repro/)."
+echo "checkpoints and metrics.jsonl: $WORK/baseline, $WORK/tst/superposition, $WORK/tst/recovery"

@@ -5,6 +5,9 @@
 #   BASELINE=1  drops TST_ARGS: the matched baseline (same steps, same FLOPs per step)
 #   DRY_RUN=1   prints the resolved command and exits
 # Multi-node (torchrun rendezvous): NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE.
+# Recipes tag each value [paper] (stated in arXiv 2605.06546), [public config] (the model shapes the
+# paper names) or [ours] (the paper is silent: sequence length, min LR, weight decay, clipping, decay
+# shape, parallel layout, split, evaluation cadence).
 set -euo pipefail
 
 require() {  # require VAR "what it is"

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Does TST pay off below 270M parameters? The small-scale study of issue 10 on a 2-core CPU, with
+# every run through the real launcher (resumable: rerun the same command after an interruption).
+#
+#   bash examples/repro/study.sh                 all stages in order: corpus lr size grid report
+#   bash examples/repro/study.sh lr size         only these stages (each skips finished runs)
+#   DRY_RUN=1 bash examples/repro/study.sh       print every run's exact command, run nothing
+#
+# Stages (see examples/repro/README.md for the design and the expected CPU time):
+#   corpus  a real text corpus from this machine (tools/make_corpus.py: stdlib, plus python-doc,
+#           gcide and linux sources when installed), a 4096-piece SentencePiece tokenizer, .bin/.idx
+#   lr      baselines at three learning rates per size (S ~0.5M, M ~4.2M, L ~14M non-embedding
+#           parameters); the best final validation loss picks the size's LR, reused for TST
+#   size    TST s=4 r=0.3 at each size; tied and untied embeddings at M (baseline and TST)
+#   grid    at L: s in {2,4,8} x r in {0.2,0.4}; input-only, output-only, reinit-at-switch (s=4,
+#           r=0.3); power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
+#   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
+# Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
+# run; the whole study about 16 hours of one core.
+# Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), SIZES (the lr and size
+# stages' sizes, default "S M L"), PYTHON, OMP_NUM_THREADS.
+# Commands run are appended to $STUDY/commands.txt.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+PYTHON=${PYTHON:-python}
+STUDY=${STUDY:-runs/study}
+STEPS=${STEPS:-2000}
+DRY_RUN=${DRY_RUN:-0}
+SIZES=${SIZES:-S M L}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+RUNS="$STUDY/runs"
+DATA="$STUDY/corpus_text_document"
+TOKENIZER="$STUDY/tokenizer.model"
+
+size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece vocabulary)
+    case "$1" in
+        S) echo "--num-layers 2 --hidden-size 128 --ffn-hidden-size 512 --num-attention-heads 4 --num-query-groups 4" ;;
+        M) echo "--num-layers 4 --hidden-size 256 --ffn-hidden-size 1024 --num-attention-heads 4 --num-query-groups 4" ;;
+        L) echo "--num-layers 6 --hidden-size 384 --ffn-hidden-size 1536 --num-attention-heads 6 --num-query-groups 6" ;;
+    esac
+}
+learning_rates() {  # the baseline sweep per size (larger models want lower rates)
+    case "$1" in S) echo "1e-3 2e-3 4e-3 8e-3" ;; M) echo "1e-3 2e-3 4e-3" ;; L) echo "5e-4 1e-3 2e-3" ;; esac
+}
+
+finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (baseline, recovery, or r=1)
+    local dir
+    for dir in "$1" "$1/recovery" "$1/superposition"; do
+        [ "$(cat "$dir/latest_checkpointed_iteration.txt" 2>/dev/null)" = "$2" ] && return 0
+    done
+    return 1
+}
+
+run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
+    local name=$1 size=$2 lr=$3 steps=$4 untie=(--untie-embeddings-and-output-weights)  # the paper's models
+    shift 4
+    if [ "${TIED:-0}" = "1" ]; then untie=(--tie-embeddings-and-output-weights); fi
+    # shellcheck disable=SC2046
+    local command=(
+        "$PYTHON" -m megatron_tst.launch --nproc-per-node 1
+        --model-preset tiny $(size_args "$size") ${untie[@]+"${untie[@]}"}
+        --seq-length 64 --max-position-embeddings 64
+        --micro-batch-size 16 --global-batch-size 16 --train-iters "$steps"
+        --lr "$lr" --min-lr 0 --lr-decay-style WSD --lr-warmup-iters $((STEPS / 20))
+        --lr-wsd-decay-iters $((steps / 10)) --lr-wsd-decay-style linear
+        --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
+        --data-path "$DATA" --split 98,2,0 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER"
+        --log-interval 10 --eval-interval $((STEPS / 20)) --eval-iters 16
+        --save "$RUNS/$name" --save-interval 250
+        "$@"
+    )
+    if [ "$DRY_RUN" = "1" ]; then
+        printf '%q ' "${command[@]}"
+        echo
+        return 0
+    fi
+    if finished "$RUNS/$name" "$steps"; then
+        echo "[study] $name: finished, skipped"
+        return 0
+    fi
+    mkdir -p "$STUDY"
+    printf '%q ' "${command[@]}" >> "$STUDY/commands.txt"
+    echo >> "$STUDY/commands.txt"
+    echo "[study] $name"
+    "${command[@]}"
+    if ! finished "$RUNS/$name" "$steps"; then  # stopped early (signal): rerun the study to resume
+        echo "[study] $name stopped before step $steps; run the same command again to resume" >&2
+        exit 1
+    fi
+}
+
+best_lr() {  # the LR whose baseline ends lowest (the paper: tuned for the baseline, reused for TST)
+    local size=$1
+    if [ "$DRY_RUN" = "1" ]; then
+        set -- $(learning_rates "$size")
+        echo "$2"  # a placeholder: the real value is chosen after the lr stage
+        return 0
+    fi
+    "$PYTHON" - "$RUNS" "$size" $(learning_rates "$size") <<'PY'
+import json, os, sys
+runs, size, rates = sys.argv[1], sys.argv[2], sys.argv[3:]
+def final(rate):
+    rows = [json.loads(line) for line in open(os.path.join(runs, f"{size}-base-lr{rate}", "metrics.jsonl"))]
+    return [r["validation_loss"] for r in rows if "validation_loss" in r][-1]
+print(min(rates, key=final))
+PY
+}
+
+stage_corpus() {
+    if [ "$DRY_RUN" = "1" ] || [ -f "$DATA.idx" ]; then return 0; fi
+    mkdir -p "$STUDY"
+    [ -f "$STUDY/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --output "$STUDY/corpus.jsonl" \
+        --max-bytes "${CORPUS_BYTES:-400000000}"
+    [ -f "$TOKENIZER" ] || "$PYTHON" tools/train_tokenizer.py --input "$STUDY/corpus.jsonl" \
+        --output-prefix "$STUDY/tokenizer" --vocab-size 4096 --max-bytes 20000000
+    "$PYTHON" tools/preprocess_data.py --input "$STUDY/corpus.jsonl" --output-prefix "$STUDY/corpus" \
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod --workers 2
+}
+
+stage_lr() {
+    local size lr
+    for size in $SIZES; do
+        for lr in $(learning_rates "$size"); do
+            run "$size-base-lr$lr" "$size" "$lr" "$STEPS"
+        done
+    done
+}
+
+stage_size() {
+    local size lr
+    for size in $SIZES; do
+        lr=$(best_lr "$size")
+        run "$size-tst-s4-r0.3" "$size" "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
+    done
+    case " $SIZES " in *" M "*) ;; *) return 0 ;; esac
+    lr=$(best_lr M)  # tied embeddings at M (input embedding = output head), against the untied runs
+    TIED=1 run "M-tied-base" M "$lr" "$STEPS"
+    TIED=1 run "M-tied-tst-s4-r0.3" M "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
+}
+
+stage_grid() {
+    local lr s r
+    lr=$(best_lr L)
+    for s in 2 4 8; do
+        for r in 0.2 0.4; do
+            run "L-tst-s$s-r$r" L "$lr" "$STEPS" --tst-bag-size "$s" --tst-ratio "$r"
+        done
+    done
+    run "L-input-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode input-only
+    run "L-output-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode output-only
+    run "L-reinit-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --reinit-embeddings-at-switch
+    run "L-power-s8-r0.4" L "$lr" "$STEPS" --tst-bag-size 8 --tst-ratio 0.4 --tst-loss-weighting power
+    run "L-base-2T" L "$lr" $((2 * STEPS))
+}
+
+report() {  # report NAME RUN... --baseline RUN
+    local name=$1
+    shift
+    if [ "$DRY_RUN" = "1" ]; then
+        echo "$PYTHON tools/tst_report.py $* --output $STUDY/reports/$name"
+        return 0
+    fi
+    "$PYTHON" tools/tst_report.py "$@" --output "$STUDY/reports/$name" > /dev/null
+    echo "[study] report: $STUDY/reports/$name/report.md"
+}
+
+stage_report() {
+    local size base lr
+    for size in S M L; do
+        base="$RUNS/$size-base-lr$(best_lr "$size")"
+        report "size-$size" "$RUNS/$size-tst-s4-r0.3" --baseline "$base"
+    done
+    report "tied-M" "$RUNS/M-tied-tst-s4-r0.3" --baseline "$RUNS/M-tied-base"
+    base="$RUNS/L-base-lr$(best_lr L)"
+    local grid=("$RUNS/L-tst-s4-r0.3") s r
+    for s in 2 4 8; do for r in 0.2 0.4; do grid+=("$RUNS/L-tst-s$s-r$r"); done; done
+    grid+=("$RUNS/L-input-only-s4-r0.3" "$RUNS/L-output-only-s4-r0.3" "$RUNS/L-reinit-s4-r0.3"
+           "$RUNS/L-power-s8-r0.4")
+    report "grid-L" "${grid[@]}" --baseline "$base"                   # equal steps (equal FLOPs)
+    report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T"  # the baseline trained 2T
+    if [ "$DRY_RUN" != "1" ]; then
+        "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" \
+            $(for size in S M L; do echo "$size:$RUNS/$size-base-lr$(best_lr "$size"):$RUNS/$size-tst-s4-r0.3"; done)
+    fi
+}
+
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size grid report)
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+        corpus|lr|size|grid|report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, grid, report)" >&2; exit 2 ;;
+    esac
+done

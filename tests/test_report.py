@@ -1,0 +1,172 @@
+"""tools/tst_report.py: the comparison tables and figure, on real launcher runs and on hand-made
+metrics whose iso-loss answer is worked out by hand."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from megatron_tst import launch
+from tests.test_pretrain import args, records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("tst_report", os.path.join(ROOT, "tools", "tst_report.py"))
+tst_report = sys.modules.setdefault("tst_report", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(tst_report)
+
+
+@pytest.fixture(scope="module")
+def launched_runs(corpus, tmp_path_factory):
+    """A baseline and a two-phase TST run (s=4, r=0.25 of 24 steps) through the real launcher."""
+    root = tmp_path_factory.mktemp("report_runs")
+    baseline, tst = str(root / "baseline"), str(root / "tst")
+    assert launch.main(args(corpus, baseline, "--eval-interval", "4", tst=False)) == 0
+    assert launch.main(args(corpus, tst, "--eval-interval", "4")) == 0
+    return baseline, tst
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_report_on_launcher_runs(launched_runs, tmp_path, capsys):
+    baseline, tst = launched_runs
+    out = str(tmp_path / "report")
+    assert tst_report.main([tst, "--baseline", baseline, "--output", out]) == 0
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert markdown == capsys.readouterr().out.split("written: ")[0]
+    _, tst_valid = records(os.path.join(tst, "recovery"))
+    _, base_valid = records(baseline)
+    tst_final, base_final = tst_valid[-1]["validation_loss"], base_valid[-1]["validation_loss"]
+    rows = {}  # table (a): the first row of each run
+    for line in markdown.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
+    tst_row = rows["tst (s=4, r=0.25)"].split(" | ")
+    # steps, switch, its final loss, the baseline's at step 24, the difference, FLOPs, raw tokens
+    assert tst_row[1:6] == ["24", "6", f"{tst_final:.4f}", f"{base_final:.4f}", f"{tst_final - base_final:+.4f}"]
+    assert tst_row[7] == "10.8k"  # 6 x 8 x 32 x 4 phase-1 + 18 x 8 x 32 recovery raw tokens
+    assert rows["baseline"].split(" | ")[7] == "6.14k"  # 24 x 8 x 32
+    iso = [line for line in markdown.splitlines() if line.startswith("| tst (")][1]
+    assert f"{tst_final:.4f} at 24" in iso
+    assert ("not reached" in iso) == (tst_final < min(v["validation_loss"] for v in base_valid))
+    with open(os.path.join(out, "report.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(os.path.join(out, "report.png")) > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_report_picks_the_plain_run_as_baseline_and_reads_the_phase1_kl_scale(launched_runs, tmp_path):
+    baseline, tst = launched_runs
+    runs = [tst_report.load_run(path) for path in (tst, baseline)]
+    assert tst_report.pick_baseline(runs, None) is runs[1]
+    tst_run = runs[0]
+    assert tst_run.is_tst and tst_run.switch_iter == 6 and tst_run.last_iter == 24
+    assert [r["iteration"] for r in tst_run.steps] == list(range(1, 25))  # both phases, in order
+    assert tst_report.main([tst, baseline, "--output", str(tmp_path / "auto")]) == 0
+    assert "Baseline: baseline." in open(tmp_path / "auto" / "report.md").read()
+
+
+def _write(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _steps(iterations, phase, flops_per_step, step_time, loss=4.0):
+    return [dict(iteration=i, phase=phase, loss=loss, model_flops=flops_per_step * i, raw_tokens=10 * i,
+                 step_time_s=step_time(i), loss_minus_target_entropy=loss - 1.0 if phase == "superposition" else None)
+            for i in iterations]
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    """Baseline: evaluations 5.0, 4.0, 3.5, 3.2 at steps 10..40; steps 1-20 take 0.5 s, later ones
+    1 s; 100 FLOPs per step. TST runs (superposition/ + recovery/) end at step 20 at 3.35, 3.1, 5.5."""
+    base = str(tmp_path / "base")
+    _write(os.path.join(base, "metrics.jsonl"),
+           _steps(range(10, 41, 10), "next-token", 100, lambda i: 0.5 if i <= 20 else 1.0)
+           + [dict(iteration=i, phase="next-token", validation_loss=v)
+              for i, v in ((10, 5.0), (20, 4.0), (30, 3.5), (40, 3.2))])
+    runs = []
+    for name, final in (("tst", 3.35), ("lower", 3.1), ("higher", 5.5)):
+        run = str(tmp_path / name)
+        _write(os.path.join(run, "superposition", "metrics.jsonl"), _steps([5], "superposition", 100, lambda i: 0.25))
+        _write(os.path.join(run, "recovery", "metrics.jsonl"),
+               _steps([10, 15, 20], "recovery", 100, lambda i: 0.25)
+               + [dict(iteration=20, phase="recovery", validation_loss=final)])
+        runs.append(run)
+    return base, runs
+
+
+def test_iso_loss_interpolates_between_the_baseline_evaluations(hand_made, tmp_path, capsys):
+    base, (tst, lower, higher) = hand_made
+    baseline = tst_report.load_run(base)
+    # 3.35 lies between 3.5 (step 30) and 3.2 (step 40): 30 + (3.5 - 3.35) / (3.5 - 3.2) * 10 = 35;
+    # 100 FLOPs a step -> 3500; wall-clock 20 x 0.5 s + 15 x 1 s = 25 s
+    found = tst_report.iso_loss(baseline, 3.35)
+    assert found["reached"] and not found["upper_bound"]
+    assert found["step"] == pytest.approx(35.0) and found["flops"] == pytest.approx(3500.0)
+    assert found["seconds"] == pytest.approx(25.0)
+    assert tst_report.iso_loss(baseline, 3.1) == dict(reached=False, step=40, loss=3.2)
+    assert tst_report.iso_loss(baseline, 5.5)["upper_bound"]
+
+    assert tst_report.main([tst, lower, higher, "--baseline", base, "--output", str(tmp_path / "out")]) == 0
+    lines = open(tmp_path / "out" / "report.md").read().splitlines()
+    iso = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[lines.index(
+        "## (b) Iso-loss: what the baseline needs to reach each run's final loss"):] if line.startswith("| ")}
+    # the TST run: 35 baseline steps for its 20 -> 1.75x in steps and FLOPs; 25 s vs 20 x 0.25 s = 5x
+    assert iso["tst"][2:] == ["35", "3.5k", "25.0 s", "1.75x", "1.75x", "5.00x |"]
+    assert iso["lower"][2].startswith("not reached (baseline ends at 3.2000 after 40)") and iso["lower"][5] == "> 2.00x"
+    assert iso["higher"][2] == "≤ 10"
+    table_a = [line.split(" | ") for line in lines if line.startswith("| tst |")][0]
+    assert table_a[1:6] == ["20", "5", "3.3500", "4.0000", "-0.6500"]  # the baseline at the same step 20
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "has no metrics.jsonl"),
+    (lambda d: _write(os.path.join(d, "metrics.jsonl"), []), "no training records"),
+    (lambda d: _write(os.path.join(d, "metrics.jsonl"), _steps([1], "next-token", 1, lambda i: 1.0)),
+     "no validation_loss records"),
+    (lambda d: open(os.path.join(d, "metrics.jsonl"), "w").write("{not json\n"), "line 1 is not JSON"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, setup, message):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    setup(run)
+    assert tst_report.main([run, "--output", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_study_gap_vs_size_table(launched_runs, tmp_path, capsys):
+    from megatron_tst.models import preset
+
+    spec = importlib.util.spec_from_file_location("gap_vs_size", os.path.join(ROOT, "examples", "repro", "gap_vs_size.py"))
+    gap_vs_size = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap_vs_size)
+    baseline, tst = launched_runs
+    assert gap_vs_size.main([str(tmp_path), f"tiny:{baseline}:{tst}"]) == 0
+    row = [line for line in open(tmp_path / "reports" / "gap_vs_size.md") if line.startswith("| tiny")][0].split(" | ")
+    arch = preset("tiny", vocab_size=512, untie_embeddings_and_output_weights=False)  # as args() runs it
+    blocks = arch.parameter_counts()["total"] - arch.vocab_size * arch.hidden_size - arch.hidden_size
+    base_final = records(baseline)[1][-1]["validation_loss"]
+    tst_final = records(os.path.join(tst, "recovery"))[1][-1]["validation_loss"]
+    assert row[1] == f"{blocks / 1e6:.2f}M" and row[4].rstrip(" |\n") == f"{tst_final - base_final:+.4f}"
+    assert os.path.getsize(tmp_path / "reports" / "gap_vs_size.png") > 5_000
+
+
+def test_model_flops_the_report_compares_count_the_output_head_with_tied_or_untied_embeddings():
+    from megatron_tst.metrics import model_flops_per_position
+    from megatron_tst.models import preset
+
+    untied = preset("tiny", vocab_size=4096)
+    tied = preset("tiny", vocab_size=4096, untie_embeddings_and_output_weights=False)
+    h, ffn, layers, heads, groups = 64, 128, 2, 4, 2
+    head_dim = h // heads
+    blocks = layers * (2 * h * heads * head_dim + 2 * h * groups * head_dim + 3 * h * ffn + 2 * h) + h
+    expected = 2 * (blocks + 4096 * h) + 4 * 32 * heads * head_dim * layers  # blocks + head; seq 32
+    assert model_flops_per_position(untied, 32) == expected == model_flops_per_position(tied, 32)

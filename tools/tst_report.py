@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Compare TST runs with a baseline the paper's way, from the runs' metrics.jsonl files.
+
+    python tools/tst_report.py RUN_DIR... [--baseline RUN_DIR] [--output DIR]
+
+A RUN_DIR is a launcher run's --save directory (its superposition/ and recovery/ metrics read as one
+run) or any directory holding a metrics.jsonl. Writes DIR/report.md (also printed) and, with
+matplotlib (pip install -e ".[plots]"), DIR/report.png:
+
+(a) final next-token validation loss at equal steps (every step costs the same model FLOPs, TST or
+    not), with the raw data tokens consumed and the training wall-clock;
+(b) iso-loss: the steps, FLOPs and wall-clock the baseline needs to reach each run's final
+    validation loss, interpolated linearly between the baseline's evaluations, and the speed-ups;
+(c) a figure: validation loss against step and against FLOPs for every run, the switch marked,
+    and the phase-1 training loss on the KL scale (MCE minus its floor; a bag-prediction loss, not
+    comparable with next-token losses, shown for its shape).
+
+Wall-clock is the sum of the logged step times (evaluation, checkpoints and process start-up are
+not counted). Without --baseline, the one run without a superposition phase is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+PHASE_DIRS = ("superposition", "recovery")  # the launcher's layout (megatron_tst/launch.py)
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    path: str
+    name: str
+    steps: list = field(default_factory=list)        # step records, by iteration
+    validations: list = field(default_factory=list)  # (iteration, next-token validation loss)
+    tst: dict | None = None                          # the plan from run_config.json, when found
+
+    @property
+    def is_tst(self) -> bool:
+        return any(r["phase"] == "superposition" for r in self.steps)
+
+    @property
+    def switch_iter(self) -> int | None:
+        """The switch iteration (None without a recovery phase): the plan's, else the last logged
+        phase-1 step (which lags the switch when it is not a multiple of --log-interval)."""
+        phase1 = [r["iteration"] for r in self.steps if r["phase"] == "superposition"]
+        if not phase1 or len(phase1) == len(self.steps):
+            return None
+        return self.tst["switch_iter"] if self.tst else max(phase1)
+
+    @property
+    def last_iter(self) -> int:
+        return self.steps[-1]["iteration"]
+
+    @property
+    def final(self) -> tuple[int, float]:
+        return self.validations[-1]
+
+    def cumulative(self) -> tuple[list[int], list[float], list[float]]:
+        """(iterations, model FLOPs so far, step seconds so far), starting at (0, 0, 0)."""
+        iters, flops, seconds = [0], [0.0], [0.0]
+        for record in self.steps:
+            iters.append(record["iteration"])
+            flops.append(float(record["model_flops"]))
+            seconds.append(seconds[-1] + record["step_time_s"] * (record["iteration"] - iters[-2]))
+        return iters, flops, seconds
+
+    def flops_at(self, iteration: float) -> float:
+        iters, flops, _ = self.cumulative()
+        return interpolate(iteration, iters, flops)
+
+    def seconds_at(self, iteration: float) -> float:
+        iters, _, seconds = self.cumulative()
+        return interpolate(iteration, iters, seconds)
+
+    def label(self) -> str:
+        if not self.tst:
+            return self.name
+        parts = [f"s={self.tst['bag_size']}", f"r={self.tst['switch_iter'] / self.tst['total_iters']:.2g}"]
+        if self.tst.get("mode", "full") != "full":
+            parts.append(self.tst["mode"])
+        weighting = self.tst.get("loss_weighting", "uniform")
+        if weighting != "uniform":
+            parts.append(weighting if isinstance(weighting, str) else "custom weights")
+        return f"{self.name} ({', '.join(parts)})"
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through sorted xs (x within [xs[0], xs[-1]])."""
+    index = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ReportError(f"{path} line {number} is not JSON") from None
+    return rows
+
+
+def _run_plan(directory: str) -> dict | None:
+    """The TST plan from the newest phase-1 checkpoint's run_config.json (labels only)."""
+    for folder in (os.path.join(directory, "superposition"), directory):
+        configs = sorted(glob.glob(os.path.join(folder, "iter_*", "run_config.json")))
+        if configs:
+            with open(configs[-1]) as handle:
+                config = json.load(handle)
+            return config.get("tst") or config.get("converted_from_tst")
+    return None
+
+
+def load_run(directory: str, name: str | None = None) -> Run:
+    files = [os.path.join(directory, sub, "metrics.jsonl") for sub in PHASE_DIRS]
+    files = [f for f in files if os.path.isfile(f)] or [os.path.join(directory, "metrics.jsonl")]
+    if not os.path.isfile(files[0]):
+        raise ReportError(f"{directory} has no metrics.jsonl (looked in it and in its "
+                          f"{' and '.join(PHASE_DIRS)} folders)")
+    rows = [row for path in files for row in _read_jsonl(path)]
+    steps = {r["iteration"]: r for r in rows if "loss" in r}
+    validations = {r["iteration"]: r["validation_loss"] for r in rows if "validation_loss" in r}
+    if not steps:
+        raise ReportError(f"{' and '.join(files)}: no training records")
+    if not validations:
+        raise ReportError(f"{' and '.join(files)}: no validation_loss records (train with --eval-interval)")
+    return Run(path=directory, name=name or os.path.basename(os.path.normpath(directory)),
+               steps=[steps[i] for i in sorted(steps)], validations=sorted(validations.items()),
+               tst=_run_plan(directory))
+
+
+def validation_at(run: Run, iteration: int) -> float | None:
+    """The run's validation loss at ``iteration``, interpolated between evaluations; None outside."""
+    iters = [i for i, _ in run.validations]
+    if not iters[0] <= iteration <= iters[-1]:
+        return None
+    return interpolate(iteration, iters, [loss for _, loss in run.validations])
+
+
+def iso_loss(baseline: Run, target: float) -> dict:
+    """Where the baseline's validation loss first reaches ``target``: the step, linearly
+    interpolated between the two evaluations around the crossing, and the baseline's FLOPs and
+    wall-clock there. {"reached": False} when it never does."""
+    previous = None
+    for iteration, loss in baseline.validations:
+        if loss <= target:
+            if previous is None:  # already below at the first evaluation: an upper bound
+                step, bound = float(iteration), True
+            else:
+                (i0, l0), bound = previous, False
+                step = i0 + (l0 - target) / (l0 - loss) * (iteration - i0)
+            return dict(reached=True, upper_bound=bound, step=step, flops=baseline.flops_at(step),
+                        seconds=baseline.seconds_at(step))
+        previous = (iteration, loss)
+    return dict(reached=False, step=baseline.final[0], loss=baseline.final[1])
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def pick_baseline(runs: list[Run], baseline: Run | None) -> Run | None:
+    if baseline is not None:
+        return baseline
+    plain = [run for run in runs if not run.is_tst]
+    return plain[0] if len(plain) == 1 else None
+
+
+def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None) -> str:
+    lines = ["# TST report", ""]
+    lines.append("Next-token validation losses (the same validation samples at every evaluation). A step "
+                 "costs the same model FLOPs with or without TST (the model sees the same number of "
+                 "positions), so equal steps are equal FLOPs; a TST step reads s times the raw data.")
+    lines.append(f"Baseline: {baseline.label() if baseline else 'none (give --baseline RUN_DIR)'}.")
+    lines += ["", "## (a) Final validation loss at equal steps", "",
+              "| run | steps | switch | val. loss | baseline at that step | vs baseline | model FLOPs "
+              "| raw data tokens | wall-clock |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        step, loss = run.final
+        reference = validation_at(baseline, step) if baseline and run is not baseline else None
+        versus = f"{loss - reference:+.4f}" if reference is not None else "–"
+        lines.append(
+            f"| {run.label()} | {step} | {run.switch_iter or '–'} | {loss:.4f} | "
+            f"{f'{reference:.4f}' if reference is not None else '–'} | {versus} | "
+            f"{_si(run.flops_at(step))} | {_si(run.steps[-1]['raw_tokens'])} | {_duration(run.seconds_at(step))} |")
+    lines += ["", "Wall-clock: logged training step times summed (no evaluation, checkpoints or start-up)."]
+    if baseline is not None:
+        lines += ["", "## (b) Iso-loss: what the baseline needs to reach each run's final loss", "",
+                  "| run | final val. loss at step | baseline steps | baseline FLOPs | baseline wall-clock "
+                  "| speed-up (steps) | speed-up (FLOPs) | speed-up (wall-clock) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for run in runs:
+            if run is baseline:
+                continue
+            step, loss = run.final
+            found = iso_loss(baseline, loss)
+            if not found["reached"]:
+                lower = found["step"] / step
+                lines.append(f"| {run.label()} | {loss:.4f} at {step} | not reached (baseline ends at "
+                             f"{found['loss']:.4f} after {found['step']}) | – | – | > {lower:.2f}x | – | – |")
+                continue
+            bound = "≤ " if found["upper_bound"] else ""
+            lines.append(
+                f"| {run.label()} | {loss:.4f} at {step} | {bound}{found['step']:.0f} | {bound}{_si(found['flops'])} | "
+                f"{bound}{_duration(found['seconds'])} | {bound}{found['step'] / step:.2f}x | "
+                f"{bound}{found['flops'] / run.flops_at(step):.2f}x | "
+                f"{bound}{found['seconds'] / max(run.seconds_at(step), 1e-12):.2f}x |")
+        lines += ["", "Baseline steps are interpolated linearly between its evaluations (\"≤\": already "
+                  "reached at its first evaluation); a speed-up above 1x means the run reached that loss "
+                  "with less. \"not reached\": the baseline never got that low in its run; train it longer "
+                  "(about 2x the steps) for a reading."]
+    if figure:
+        lines += ["", "## (c) Curves", "", f"![validation loss]({os.path.basename(figure)})", "",
+                  "Solid: next-token validation loss. Dashed: phase-1 training loss on the KL scale (MCE "
+                  "minus the entropy of the slot weights; a bag-prediction loss, not comparable with "
+                  "next-token losses). Dotted vertical: the switch."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], path: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        iters = [i for i, _ in run.validations]
+        losses = [loss for _, loss in run.validations]
+        phase1 = [r for r in run.steps if r["phase"] == "superposition"]
+        kl = [r.get("loss_minus_target_entropy", r.get("loss_minus_log_s")) for r in phase1]
+        for axis, to_x in ((axes[0], float), (axes[1], run.flops_at)):
+            axis.plot([to_x(i) for i in iters], losses, "-o", color=color, markersize=3, label=run.label())
+            if phase1 and all(v is not None for v in kl):
+                axis.plot([to_x(r["iteration"]) for r in phase1], kl, "--x", color=color, linewidth=1,
+                          markersize=3, alpha=0.7)
+            if run.switch_iter:
+                axis.axvline(to_x(run.switch_iter), color=color, linestyle=":", linewidth=1)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("model FLOPs")
+    axes[0].set_ylabel("next-token validation loss (solid)\nphase-1 KL-scale training loss (dashed)")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("TST vs baseline: validation loss; dotted lines mark the switch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--baseline", metavar="RUN_DIR", help="the baseline run (default: the one non-TST run)")
+    parser.add_argument("--output", metavar="DIR", default="tst_report", help="where report.md/.png go")
+    args = parser.parse_args(argv)
+    try:
+        paths = list(dict.fromkeys(os.path.normpath(p) for p in ([args.baseline] if args.baseline else []) + args.runs))
+        names = [os.path.basename(p) for p in paths]
+        runs = [load_run(p, p if names.count(os.path.basename(p)) > 1 else None) for p in paths]
+        baseline = pick_baseline(runs, runs[0] if args.baseline else None)
+    except (ReportError, OSError, KeyError) as error:
+        message = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    os.makedirs(args.output, exist_ok=True)
+    figure = os.path.join(args.output, "report.png")
+    if not plot(runs, figure):
+        print("note: no figure (matplotlib missing: pip install -e \".[plots]\")", file=sys.stderr)
+        figure = None
+    markdown = report_markdown(runs, baseline, figure)
+    with open(os.path.join(args.output, "report.md"), "w") as handle:
+        handle.write(markdown)
+    print(markdown, end="")
+    print(f"written: {os.path.join(args.output, 'report.md')}" + (f", {figure}" if figure else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
