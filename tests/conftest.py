@@ -17,6 +17,7 @@ def single_rank():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long tests (run in CI on purpose)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (pytest -m gpu; skipped with the reason without one)")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
@@ -27,12 +28,16 @@ VOCAB, EOD = 512, 511
 def corpus(tmp_path_factory):
     """A Megatron indexed dataset of arithmetic sequences mod 500 (learnable, so losses fall within a
     few dozen steps), EOD-terminated documents of 20-200 tokens."""
+    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "arith"))
+
+
+def write_corpus(prefix, documents=3000, seed=0, dtype=np.uint16):
+    """The arithmetic corpus above at ``prefix``, with a choice of size, seed and token dtype."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix = str(tmp_path_factory.mktemp("corpus") / "arith")
-    generator = np.random.RandomState(0)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for _ in range(3000):
+    generator = np.random.RandomState(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for _ in range(documents):
         length = generator.randint(20, 200)
         start, step = generator.randint(0, 500), generator.randint(1, 5)
         document = np.append((start + step * np.arange(length)) % 500 + 1, EOD)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.gpu
 pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
 if not torch.cuda.is_available():
     pytest.skip("Transformer Engine needs a CUDA GPU", allow_module_level=True)

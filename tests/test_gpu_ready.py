@@ -1,0 +1,284 @@
+"""What the GPU path needs, shown on CPU where CPU can show it: pipeline-stage seeds, the platform
+layer's optimizer fix keyed on Transformer Engine/Apex (not on the device), Megatron-LM's overlap
+options, one host synchronisation per step, and the one-line refusals of what a GPU run cannot do.
+The GPU itself is exercised by tests/test_gpu.py (``pytest -m gpu``)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_tst import device
+from megatron_tst.arguments import check_fp8, parse_args
+from tests.conftest import VOCAB
+from tests.distributed import run_distributed
+from tests.test_pretrain import args, records, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 1234
+FOUR_LAYERS = dict(num_layers=4)
+
+
+# ---- seeds ---------------------------------------------------------------------------------------
+
+def _stage_state(pre_process, post_process, num_layers, pipeline_stages=1):
+    from megatron_tst.models import build_gpt_model, preset, transformer_config
+
+    arch = preset("tiny", num_layers=num_layers)
+    # the scaled init of the output projections depends on the whole model's depth (4 layers)
+    scaled_init = transformer_config(preset("tiny", num_layers=4)).output_layer_init_method
+    config = transformer_config(arch, output_layer_init_method=scaled_init,
+                                pipeline_model_parallel_size=pipeline_stages)
+    model = build_gpt_model(arch, config, tst=False, pre_process=pre_process, post_process=post_process)
+    return {name: tensor.clone() for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}
+
+
+def _pipeline_stage_weights(rank, world_size):
+    """A 4-layer model over 2 pipeline stages: each rank's stage (2 layers)."""
+    from megatron.core import parallel_state
+
+    from megatron_tst import parallel
+
+    parallel.initialize(pipeline_model_parallel_size=world_size, seed=SEED)
+    return _stage_state(parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage(),
+                        num_layers=4, pipeline_stages=world_size)
+
+
+def _single_process_weights(rank, world_size):
+    """In one process: the full 4-layer model at SEED; each stage built alone (2 layers) from the
+    seed Megatron-LM gives it (SEED + 100 x stage); and stage 1 from SEED (a missing offset)."""
+    from megatron_tst import parallel
+
+    def stage(seed, first, last):
+        parallel.initialize(seed=seed)
+        return _stage_state(first, last, num_layers=2)
+
+    parallel.initialize(seed=SEED)
+    full = _stage_state(True, True, num_layers=4)
+    return dict(full=full, stage0=stage(SEED, True, False), stage1=stage(SEED + 100, False, True),
+                stage1_unshifted=stage(SEED, False, True))
+
+
+@pytest.mark.slow
+def test_pipeline_stages_draw_from_their_own_seeds():
+    stages = run_distributed(_pipeline_stage_weights, 2)
+    reference = run_distributed(_single_process_weights, 1)[0]
+    for rank, expected in ((0, reference["stage0"]), (1, reference["stage1"])):
+        assert stages[rank].keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(stages[rank][name], tensor), (rank, name)
+    # stage 0 is the same-seed PP=1 model's first half exactly; stage 1 is not its second half
+    full = reference["full"]
+    assert all(torch.equal(t, full[n]) for n, t in stages[0].items() if "layers" in n or "embedding" in n)
+    layer_2 = full["decoder.layers.2.self_attention.linear_qkv.weight"]
+    assert not torch.equal(stages[1]["decoder.layers.0.self_attention.linear_qkv.weight"], layer_2)
+    # without the offset stage 1 would start from stage 0's seed: two equal-shape stages, equal layers
+    unshifted = reference["stage1_unshifted"]["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert not torch.equal(stages[1]["decoder.layers.0.self_attention.linear_qkv.weight"], unshifted)
+
+
+# ---- platform layer on a GPU machine without Transformer Engine or Apex ---------------------------
+
+def test_the_torch_adam_checkpoint_fix_is_keyed_on_te_and_apex_not_on_the_device():
+    """A process that sees CUDA but neither TE nor Apex gets the distributed-optimizer fix (M4) and
+    none of the CPU patches."""
+    script = (
+        "import torch; torch.cuda.is_available = lambda: True\n"
+        "import megatron_tst\n"
+        "from megatron_tst.platform import cpu\n"
+        "cpu.install_megatron()\n"
+        "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, HAVE_APEX_OR_TE\n"
+        "print(HAVE_APEX_OR_TE, DistributedOptimizer.load_state_dict.__module__, cpu._mode is None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "megatron_tst.platform.cpu", "True"]
+
+
+# ---- Megatron-LM's overlap options ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_overlapped_grad_reduce_and_param_gather_train_save_and_resume_as_the_plain_run(corpus, tmp_path):
+    """DP=2 with the distributed optimizer: the overlapped run (stopped at iteration 4 and resumed)
+    gives the plain uninterrupted run's losses bit for bit, validation included. A checkpoint or an
+    evaluation taken while the parameter all-gather is still pending would not."""
+    overlap = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+               "--eval-interval", "3"]
+    plain_dir, overlap_dir = str(tmp_path / "plain"), str(tmp_path / "overlap")
+    run(args(corpus, plain_dir, "--use-distributed-optimizer", "--eval-interval", "3", "--save-interval", "4",
+             iters=8), world_size=2)
+    run(args(corpus, overlap_dir, *overlap, "--exit-interval", "4", iters=8), world_size=2)
+    run(args(corpus, overlap_dir, *overlap, iters=8), world_size=2)
+    plain, overlapped = records(plain_dir), records(overlap_dir)
+    assert [r["loss"] for r in overlapped[0]] == [r["loss"] for r in plain[0]]
+    assert [r["validation_loss"] for r in overlapped[1]] == [r["validation_loss"] for r in plain[1]]
+    assert len(plain[1]) == 3  # at 3, 6 and 8: the checkpoint at 4 follows no evaluation
+    # the checkpoints' model weights (what a weights-only load or an export reads) are the same too
+    for iteration in (4, 8):
+        expected = _model_weights(os.path.join(plain_dir, f"iter_{iteration:07d}"))
+        actual = _model_weights(os.path.join(overlap_dir, f"iter_{iteration:07d}"))
+        assert expected.keys() == actual.keys() and len(expected) >= 5
+        for name, tensor in expected.items():
+            assert torch.equal(actual[name], tensor), (iteration, name)
+
+
+def _model_weights(checkpoint: str) -> dict:
+    """The model tensors of a torch_dist checkpoint, read with torch.distributed.checkpoint alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(checkpoint)
+    metadata = reader.read_metadata().state_dict_metadata
+    state = {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in metadata.items()
+             if isinstance(meta, TensorStorageMetadata) and name.startswith(("embedding.", "decoder.", "output_layer."))}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def test_overlap_defaults_and_switches():
+    from megatron_tst.arguments import overlap_settings
+
+    base = ["--model-preset", "tiny", "--seq-length", "32"]
+    assert overlap_settings(parse_args(base)) == dict(overlap_grad_reduce=False, overlap_param_gather=False)
+    assert overlap_settings(parse_args(base + ["--overlap-grad-reduce"]))["overlap_grad_reduce"]
+    with pytest.raises(ValueError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        parse_args(base + ["--overlap-param-gather"])
+
+
+# ---- one host synchronisation per step -----------------------------------------------------------
+
+class _HostReads(TorchFunctionMode):
+    """Counts tensor-to-host reads made from megatron_tst's own code (where a GPU would sync)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.nonzero, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS or (func is torch.Tensor.__setitem__ and isinstance(args[1], torch.Tensor)
+                                  and args[1].dtype == torch.bool):
+            frame = sys._getframe(1)
+            while frame and "torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            # the data pipeline builds host tensors by design; everything else runs on the device
+            path = frame.f_code.co_filename if frame else ""
+            if f"{os.sep}megatron_tst{os.sep}" in path and f"{os.sep}data{os.sep}" not in path:
+                self.sites.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_per_step(corpus, save, micro_batch_size):
+    from megatron_tst import parallel
+    from megatron_tst.pretrain import pretrain
+
+    reads = _HostReads()
+    argv = args(corpus, save, iters=4, tst=True)
+    argv[argv.index("--micro-batch-size") + 1] = str(micro_batch_size)
+    argv[argv.index("--eval-interval") + 1] = "100"
+    with reads:
+        pretrain(parse_args(argv + ["--save-interval", "100"]))
+    parallel.shutdown()
+    return reads.sites
+
+
+@pytest.mark.slow
+def test_the_training_step_reads_the_device_once_whatever_the_micro_batches(corpus, tmp_path):
+    """Phase 1 and phase 2 steps with 2 and with 8 micro-batches per step: megatron_tst's own code
+    reads a tensor back to the host the same number of times (once per step, the logged numbers)."""
+    few = _host_reads_per_step(corpus, str(tmp_path / "few"), micro_batch_size=4)
+    many = _host_reads_per_step(corpus, str(tmp_path / "many"), micro_batch_size=1)
+    assert sorted(few) == sorted(many)
+    assert len(few) == 5, few  # 4 steps and the final validation, all in pretrain.py
+    assert all(site.startswith("pretrain.py") for site in few), few
+
+
+# ---- placement ------------------------------------------------------------------------------------
+
+def test_on_cpu_batches_and_models_stay_where_they_are():
+    batch = {"tokens": torch.arange(6).view(2, 3)}
+    assert device.batch_to_device(batch) is batch
+    module = torch.nn.Linear(2, 2)
+    assert device.module_to_device(module) is module and device.current() == torch.device("cpu")
+    assert device.zeros(2, dtype=torch.float64).device == torch.device("cpu")
+
+
+# ---- refusals before any process group ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,message", [
+    (["--fp8-format", "hybrid"], "--fp8-format needs Transformer Engine, which is not installed"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+     "--sequence-parallel needs Transformer Engine's layers"),
+    (["--transformer-impl", "transformer_engine"], "needs Transformer Engine, which is not installed"),
+    (["--overlap-grad-reduce", "--no-overlap-grad-reduce"], "contradict each other"),
+])
+def test_gpu_only_settings_are_refused_in_one_line(tmp_path, capsys, extra, message):
+    from megatron_tst.pretrain import main
+
+    code = main(["--model-preset", "tiny", "--vocab-size", str(VOCAB), "--tokenizer-type", "NullTokenizer",
+                 "--seq-length", "32", "--data-path", str(tmp_path / "none"), *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("recipe,capability,message", [
+    ("mxfp8", (9, 0), "mxfp8 needs a Blackwell GPU"),
+    ("blockwise", (8, 9), "blockwise needs a Hopper or newer GPU"),
+    ("delayed", (8, 0), "needs an Ada, Hopper or Blackwell GPU"),
+    ("delayed", None, "needs a CUDA GPU"),
+])
+def test_fp8_recipes_the_gpu_cannot_run_are_refused(recipe, capability, message):
+    with pytest.raises(ValueError, match=message):
+        check_fp8("hybrid", recipe, "transformer_engine", capability)
+
+
+@pytest.mark.parametrize("recipe,capability", [("mxfp8", (10, 0)), ("tensorwise", (9, 0)), ("delayed", (8, 9)),
+                                               ("blockwise", (9, 0))])
+def test_fp8_recipes_the_gpu_can_run_pass(recipe, capability):
+    check_fp8("hybrid", recipe, "transformer_engine", capability)
+
+
+def test_recipe_flags_for_a_gpu_cluster_parse_on_any_machine():
+    """Flag validation does not depend on this machine (recipes are checked on CPU); what the
+    machine cannot run is refused by check_environment, which pretrain and the launcher call."""
+    from megatron_tst.arguments import check_environment
+
+    config = parse_args(["--model-preset", "tiny", "--seq-length", "32", "--tensor-model-parallel-size", "2",
+                         "--sequence-parallel", "--fp8-format", "hybrid"])
+    with pytest.raises(ValueError, match="--sequence-parallel needs Transformer Engine's layers|--fp8-format needs"):
+        check_environment(config)
+    with pytest.raises(ValueError, match="--fp8-recipe nope is not one of"):
+        parse_args(["--model-preset", "tiny", "--seq-length", "32", "--fp8-recipe", "nope"])
+
+
+# ---- the GPU benchmark and check script, checked here on CPU -----------------------------------------
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_end_to_end_at_tiny_shapes(tmp_path):
+    output = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py"), "--quick",
+                           "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    results = json.loads(output.read_text())
+    assert [row["step"] for row in results["steps"]] == ["gptmodel", "tst-ntp", "tst-s6"]
+    assert {(row["s"], row["method"]) for row in results["losses"]} >= {(16, "mce-s16"), (16, "megatron-fused")}
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert refused.returncode == 1 and refused.stderr.strip().startswith("error: examples/bench_gpu.py measures a CUDA GPU")
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
+    done = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore"))
+    assert done.returncode == 1 and "torch sees no CUDA GPU here" in done.stderr
