@@ -12,7 +12,11 @@ from megatron_tst.launch import launcher_parser
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 RECIPES = {
-    "pretrain_tst_dense.sh": [{"MODEL": "270M"}, {"MODEL": "600M"}, {"MODEL": "3B"}, {"MODEL": "3B", "BASELINE": "1"}],
+    "pretrain_tst_dense.sh": [{"MODEL": "270M"}, {"MODEL": "600M"}, {"MODEL": "3B"}, {"MODEL": "3B", "BASELINE": "1"},
+                              {"MODEL": "270M", "TRAIN_ITERS": "100000"},
+                              {"MODEL": "3B", "BASELINE": "1", "TRAIN_ITERS": "36000"},
+                              {"MODEL": "3B", "BASELINE": "1", "TRAIN_ITERS": "50000"}],
+    "pretrain_tst_270m_100k.sh": [{}, {"BASELINE": "1"}],
     "pretrain_tst_moe_10b_a1b.sh": [{}, {"BASELINE": "1"}],
     "pretrain_tst_tiny_cpu.sh": [{}],
 }
@@ -24,7 +28,8 @@ def _run(script, env):
                           env={"PATH": os.environ["PATH"], **env}, timeout=60)
 
 
-@pytest.mark.parametrize("script", sorted(os.listdir(EXAMPLES)))
+@pytest.mark.parametrize("script", sorted(os.listdir(EXAMPLES)) + sorted(
+    os.path.join("repro", name) for name in os.listdir(os.path.join(EXAMPLES, "repro"))))
 def test_shell_scripts_parse(script):
     if script.endswith((".sh", ".sbatch")):
         subprocess.run(["bash", "-n", os.path.join(EXAMPLES, script)], check=True)
@@ -56,3 +61,119 @@ def test_paper_recipes():
     moe = shlex.split(_run("pretrain_tst_moe_10b_a1b.sh", {**REQUIRED, "DRY_RUN": "1"}).stdout.splitlines()[1])
     assert moe[moe.index("--tst-bag-size") + 1] == "16" and moe[moe.index("--tst-iters") + 1] == "12483"
     assert moe[moe.index("--train-iters") + 1] == "49983"
+
+
+def test_slurm_batch_script_signals_the_ranks_and_launches_them_with_srun(tmp_path):
+    """The early SIGTERM must reach the tasks (``--signal=TERM@...`` without ``B:``, which would
+    signal only the batch shell), and srun must start the launcher as the task process itself."""
+    script = os.path.join(EXAMPLES, "slurm_tst.sbatch")
+    directives = [line.split(None, 1)[1] for line in open(script) if line.startswith("#SBATCH")]
+    signal_directive = next(d for d in directives if d.startswith("--signal="))
+    assert signal_directive.startswith("--signal=TERM@") and "B:" not in signal_directive
+    # dry run under stand-ins for scontrol and srun (srun runs its command as node 1 of 2)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node-a; echo node-b\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*" > "$SRUN_LOG"\n'
+                                  'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n')
+    for stub in ("scontrol", "srun"):
+        os.chmod(bin_dir / stub, 0o755)
+    env = {**REQUIRED, "DRY_RUN": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SRUN_LOG": str(tmp_path / "srun.log"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", script, os.path.join(EXAMPLES, "pretrain_tst_dense.sh")], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "srun.log").read_text().startswith("srun --kill-on-bad-exit=1 bash -c")
+    argv = shlex.split(result.stdout.splitlines()[result.stdout.splitlines().index("resolved command:") + 1])
+    launch, _ = launcher_parser().parse_known_args(argv[3:])
+    assert (launch.nnodes, launch.node_rank, launch.master_addr) == (2, 1, "node-a")
+
+
+def _resolved(script, **env):
+    result = _run(script, {**REQUIRED, "DRY_RUN": "1", **env})
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.splitlines()[1])
+    launch, rest = launcher_parser().parse_known_args(argv[3:])
+    return parse_args(rest)
+
+
+def test_paper_step_counts():
+    long_270m = _resolved("pretrain_tst_270m_100k.sh")
+    assert long_270m.training.train_iters == 100000 and long_270m.training.lr_wsd_decay_iters == 10000
+    assert long_270m.tst.plan(100000).switch_iter == 30000 and long_270m.training.lr == 2e-3  # Table 1 row
+    moe_baseline = _resolved("pretrain_tst_moe_10b_a1b.sh", BASELINE="1")
+    assert moe_baseline.training.train_iters == 125000 and moe_baseline.tst.tst_bag_size is None
+    moe = _resolved("pretrain_tst_moe_10b_a1b.sh")
+    assert moe.training.train_iters == 49983 and moe.tst.plan(49983).switch_iter == 12483
+
+
+@pytest.mark.parametrize("steps", [36000, 50000])
+def test_3b_recipe_offers_the_papers_equal_loss_and_equal_data_baselines(steps):
+    config = _resolved("pretrain_tst_dense.sh", MODEL="3B", BASELINE="1", TRAIN_ITERS=str(steps))
+    assert config.training.train_iters == steps and config.tst.tst_bag_size is None
+    assert config.training.lr_warmup_iters == 2000 and config.training.lr_wsd_decay_iters == steps // 10
+
+
+@pytest.mark.parametrize("script", ["pretrain_tst_dense.sh", "pretrain_tst_moe_10b_a1b.sh"])
+def test_recipes_say_which_values_are_the_papers_and_which_ours(script):
+    lines = open(os.path.join(EXAMPLES, script)).read().splitlines()
+    for flag in ("--seq-length", "--min-lr", "--weight-decay", "--clip-grad", "--lr-wsd-decay-style"):
+        line = next(line for line in lines if line.strip().startswith(flag))
+        assert "[ours]" in line, line  # the paper does not state these
+    for flag in ("--global-batch-size", "--lr ", "--adam-beta1", "--tst-bag-size"):
+        line = next(line for line in lines if flag in line and "#" in line)
+        assert "[paper]" in line, line
+
+
+def test_study_driver_resolves_every_run_to_valid_flags():
+    """examples/repro/study.sh: every planned run is a valid launcher command with its own --save,
+    the grid is the one issue 10 asks for, and the report stage covers every run."""
+    result = subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh")], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "DRY_RUN": "1", "PYTHON": "python"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    runs, reports = {}, []
+    for line in result.stdout.splitlines():
+        argv = shlex.split(line)
+        if argv[1:3] == ["-m", "megatron_tst.launch"]:
+            launch, rest = launcher_parser().parse_known_args(argv[3:])
+            config = parse_args(rest)
+            name = os.path.basename(config.checkpoint.save)
+            assert name not in runs
+            runs[name] = (launch, config)
+        else:
+            assert argv[1] == "tools/tst_report.py", line
+            reports.append(line)
+    assert len(runs) == 25
+    sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
+    assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
+        == {128, 256, 384}
+    grid = {(c.tst.tst_bag_size, c.tst.tst_ratio) for n, (_, c) in runs.items() if n.startswith("L-tst-")}
+    assert grid == {(s, r) for s in (2, 4, 8) for r in (0.2, 0.4)} | {(4, 0.3)}
+    assert runs["L-input-only-s4-r0.3"][1].tst.tst_mode == "input-only"
+    assert runs["L-output-only-s4-r0.3"][1].tst.tst_mode == "output-only"
+    assert runs["L-reinit-s4-r0.3"][0].reinit_embeddings_at_switch
+    assert runs["L-power-s8-r0.4"][1].tst.tst_loss_weighting == "power"
+    assert runs["L-base-2T"][1].training.train_iters == 2 * runs["L-base-lr1e-3"][1].training.train_iters
+    assert not sizes["M-tied-base"].untie_embeddings_and_output_weights
+    assert sizes["M-base-lr2e-3"].untie_embeddings_and_output_weights
+    for name, (_, config) in runs.items():  # warm-up well before the earliest switch (r=0.2)
+        assert config.training.lr_warmup_iters * 4 <= 0.2 * 2000 and config.data.allow_data_repetition is False
+    reported = " ".join(reports)
+    assert all(name in reported for name in runs if "-base-lr" not in name)
+
+
+def test_presets_keep_their_shape_through_the_command_line():
+    """A switch left out keeps the preset's value: the recipes' 270M/3B are untied and 10B-A1B has
+    QK-norm, as the presets say; the tie/untie switches override."""
+    from megatron_tst.models import PRESETS
+
+    for name in ("270M", "3B", "10B-A1B", "tiny", "tiny-moe"):
+        assert parse_args(["--model-preset", name, "--seq-length", "64"]).model.architecture() == PRESETS[name]
+    tied = parse_args(["--model-preset", "270M", "--tie-embeddings-and-output-weights"]).model.architecture()
+    assert not tied.untie_embeddings_and_output_weights
+    with pytest.raises(ValueError, match="contradict each other"):
+        parse_args(["--model-preset", "270M", "--tie-embeddings-and-output-weights",
+                    "--untie-embeddings-and-output-weights"])
+    shaped = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+              "--vocab-size", "512", "--seq-length", "64"]
+    assert not parse_args(shaped).model.architecture().untie_embeddings_and_output_weights  # Megatron-LM's default

@@ -79,9 +79,10 @@ def test_plan_switch_and_token_accounting():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(bag_size=4, total_iters=100, ratio=1.0), r"TST ratio r must be in \(0, 1\), got 1.0"),
+        (dict(bag_size=4, total_iters=100, ratio=1.5), r"TST ratio r must be in \(0, 1\], got 1.5"),
+        (dict(bag_size=4, total_iters=100, ratio=0.999), "leaves no step in one phase"),
         (dict(bag_size=4, total_iters=100), "give exactly one of"),
-        (dict(bag_size=4, total_iters=100, switch_iter=100), r"switch iteration must be in \[1, 100\), got 100"),
+        (dict(bag_size=4, total_iters=100, switch_iter=101), r"switch iteration must be in \[1, 100\], got 101"),
         (dict(bag_size=4, total_iters=100, ratio=0.3, loss_weighting=[1.0, 2.0]), "got 2 loss weights for a bag of s=4"),
     ],
 )

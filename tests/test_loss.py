@@ -16,9 +16,11 @@ from megatron_tst.tst import (
     mce_loss_reference,
     mce_target_weights,
     num_valid_targets,
+    target_entropy,
 )
+from megatron_tst.tst.plan import TSTPlan
 
-WEIGHTINGS = ["uniform", "power", "exp", "first", [0.5, 2.0, 0.0, 1.0]]
+WEIGHTINGS = ["uniform", "power", "exp", "first", "mi", [0.5, 2.0, 0.0, 1.0]]
 
 
 def _batch(bag_size, latent=7, batch=3, vocab=37, dtype=torch.float64, seed=0, repeats=True):
@@ -114,11 +116,13 @@ def test_training_normalisation_is_the_weighted_mean_over_valid_targets(weightin
     assert torch.allclose(loss, torch.stack(terms).mean(), rtol=1e-6, atol=0)
 
 
-def test_fused_s1_is_bit_identical_to_megatron_cross_entropy(single_rank):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: what a bf16 model's output layer gives
+def test_fused_s1_is_bit_identical_to_megatron_cross_entropy(single_rank, dtype):
+    """Values and gradients (the gradient in the logits' dtype); logits of realistic spread (std 8)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(9, 2, 50, generator=generator)  # [seq, batch, vocab] as megatron's
+    logits = (torch.randn(9, 2, 50, generator=generator) * 8).to(dtype)  # [seq, batch, vocab] as megatron's
     labels = torch.randint(0, 50, (9, 2), generator=generator)
     grad = torch.rand(9, 2, generator=generator)
 
@@ -132,6 +136,7 @@ def test_fused_s1_is_bit_identical_to_megatron_cross_entropy(single_rank):
     fused_loss.backward(grad)
 
     assert torch.equal(fused_loss, megatron_loss)
+    assert ours.grad.dtype == plain.grad.dtype == dtype
     assert torch.equal(ours.grad, plain.grad)
 
 
@@ -170,3 +175,43 @@ def test_fused_does_not_materialise_per_slot_copies():
 def test_bad_input_is_a_value_error_naming_the_values(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_mutual_information_weights_follow_the_appendix_d_power_law_without_its_constant():
+    for bag_size in (1, 4, 16):
+        fitted = [1.35 * distance ** -1.25 for distance in range(1, bag_size + 1)]  # a * d^k, C0 left out
+        assert bag_weights(bag_size, "mi") == pytest.approx(fitted, rel=1e-12)
+    weights = bag_weights(4, "mi")
+    assert weights[0] / weights[1] == pytest.approx(2 ** 1.25) and weights[0] / weights[3] == pytest.approx(4 ** 1.25)
+    assert TSTPlan(bag_size=8, total_iters=10, ratio=0.5, loss_weighting="mi").loss_weighting == "mi"
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "power", "exp", "first", "mi", [0.5, 2.0, 0.0, 1.0]])
+def test_target_entropy_is_the_floor_of_the_phase1_loss(weighting):
+    """Independently: the entropy of the normalised weights (torch.distributions), and the MCE at its
+    optimum (softmax = normalised weights over a bag of distinct targets) equals it."""
+    weights = torch.tensor(bag_weights(4, weighting), dtype=torch.float64)
+    probs = weights / weights.sum()
+    assert target_entropy(4, weighting) == pytest.approx(
+        torch.distributions.Categorical(probs=probs).entropy().item(), abs=1e-12)
+    targets = torch.tensor([[3, 7, 1, 9], [0, 5, 2, 8]])  # two positions, distinct tokens in each bag
+    logits = torch.full((2, 11), -1e4, dtype=torch.float64)
+    for position in range(2):
+        logits[position, targets[position]] = torch.log(probs.clamp_min(1e-300))  # softmax = probs
+    target_weights = mce_target_weights(targets, weighting)
+    per_position = fused_vocab_parallel_mce(logits, targets, target_weights) / target_weights.sum(-1)
+    assert per_position.tolist() == pytest.approx([target_entropy(4, weighting)] * 2, abs=1e-6)  # fp32 weights
+
+
+def test_plan_target_entropy_per_mode_and_weighting():
+    def plan(**kwargs):
+        return TSTPlan(bag_size=6, total_iters=100, ratio=0.3, **kwargs)
+
+    assert plan().target_entropy == pytest.approx(math.log(6))
+    assert plan(mode="output-only").target_entropy == pytest.approx(math.log(6))  # next 6 tokens, same weights
+    assert plan(mode="input-only").target_entropy == 0.0  # one target per position
+    assert plan(loss_weighting="first").target_entropy == 0.0
+    power = [1 / i for i in range(1, 7)]
+    expected = -sum(w / sum(power) * math.log(w / sum(power)) for w in power)
+    assert plan(loss_weighting="power").target_entropy == pytest.approx(expected)
+    assert 0 < expected < math.log(6)

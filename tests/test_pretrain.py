@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def args(corpus, save, *extra, iters=24, tst=True):
-    argv = ["--model-preset", "tiny", "--vocab-size", str(VOCAB), "--tokenizer-type", "NullTokenizer",
+    # tied unless asked otherwise: the shared-table paths (embedding group, tied gradients) then run
+    tie = [] if "--untie-embeddings-and-output-weights" in extra else ["--tie-embeddings-and-output-weights"]
+    argv = ["--model-preset", "tiny", *tie, "--vocab-size", str(VOCAB), "--tokenizer-type", "NullTokenizer",
             "--data-path", corpus, "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
             "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
             "--eval-interval", "12", "--eval-iters", "2", "--save", save]
@@ -57,10 +59,11 @@ def test_two_phase_run_switches_at_r_T_on_one_wsd_schedule(corpus, tmp_path):
     # phase 1 eats s times the raw tokens per step; the model sees the same positions per step
     assert steps[5]["raw_tokens"] == 6 * 8 * 32 * 4 and steps[6]["raw_tokens"] - steps[5]["raw_tokens"] == 8 * 32
     assert steps[-1]["latent_positions"] == 24 * 8 * 32
-    assert all(r["loss_minus_log_s"] == pytest.approx(r["loss"] - np.log(4)) for r in steps[:6])
+    assert all(r["loss_minus_target_entropy"] == pytest.approx(r["loss"] - np.log(4)) for r in steps[:6])
+    assert all(r["loss_minus_target_entropy"] is None for r in steps[6:])
     assert steps[-1]["loss"] < steps[6]["loss"]  # recovery learns
     assert [v["iteration"] for v in valid] == [12, 24] and all(v["validation_loss"] < np.log(VOCAB) for v in valid)
-    for field in ("iteration", "phase", "loss", "loss_minus_log_s", "lr", "grad_norm", "raw_tokens",
+    for field in ("iteration", "phase", "loss", "loss_minus_target_entropy", "lr", "grad_norm", "raw_tokens",
                   "latent_positions", "model_flops", "tokens_per_s", "step_time_s", "mfu"):
         assert field in steps[0]
     config = json.load(open(os.path.join(tst_dir, "iter_0000024", "run_config.json")))
@@ -121,7 +124,7 @@ def test_pipeline_parallel_2_two_phase_run_from_a_pp_1_checkpoint(corpus, tmp_pa
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--tst-ratio", "1.5"], "TST ratio r must be in (0, 1), got 1.5"),
+    (["--tst-ratio", "1.5"], "TST ratio r must be in (0, 1], got 1.5"),
     (["--tst-bag-size", "0"], "bag size s must be an integer >= 1, got 0"),
     (["--train-iters", "100000"], "corpus too small for the planned run: the superposition phase reads"),
     (["--seq-length", "4096"], "--seq-length 4096 exceeds --max-position-embeddings 256"),

@@ -100,7 +100,8 @@ def test_sentencepiece_shortcut_equals_megatron_cores_tokenizer(corpus_and_token
     megatron = Tokenizer("SentencePieceTokenizer", model)  # megatron-core's build_tokenizer
     assert isinstance(fast, _SentencePiece)  # the shortcut is in use
     assert (fast.vocab_size, fast.eod) == (megatron.vocab_size, megatron.eod)
-    texts = read_documents(corpus)[:50] + TRICKY_TEXTS
+    texts = read_documents(corpus) + TRICKY_TEXTS  # every document of the corpus, not a prefix
+    assert len(texts) > 64  # the 75 documents and the tricky texts: more than a 64-text batch
     assert fast.tokenize_batch(texts) == [megatron.tokenize(t) for t in texts]
 
 
