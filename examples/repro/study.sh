@@ -40,7 +40,7 @@ size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece 
     esac
 }
 learning_rates() {  # the baseline sweep per size (larger models want lower rates)
-    case "$1" in S) echo "1e-3 2e-3 4e-3 8e-3" ;; M) echo "1e-3 2e-3 4e-3" ;; L) echo "5e-4 1e-3 2e-3" ;; esac
+    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "1e-3 2e-3 4e-3" ;; L) echo "5e-4 1e-3 2e-3" ;; esac
 }
 
 finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (baseline, recovery, or r=1)
@@ -130,7 +130,7 @@ stage_size() {
     local size lr
     for size in $SIZES; do
         lr=$(best_lr "$size")
-        run "$size-tst-s4-r0.3" "$size" "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
+        run "$size-tst-s4-r0.3-lr$lr" "$size" "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
     done
     case " $SIZES " in *" M "*) ;; *) return 0 ;; esac
     lr=$(best_lr M)  # tied embeddings at M (input embedding = output head), against the untied runs
@@ -168,11 +168,11 @@ stage_report() {
     local size base lr
     for size in S M L; do
         base="$RUNS/$size-base-lr$(best_lr "$size")"
-        report "size-$size" "$RUNS/$size-tst-s4-r0.3" --baseline "$base"
+        report "size-$size" "$RUNS/$size-tst-s4-r0.3-lr$(best_lr "$size")" --baseline "$base"
     done
     report "tied-M" "$RUNS/M-tied-tst-s4-r0.3" --baseline "$RUNS/M-tied-base"
     base="$RUNS/L-base-lr$(best_lr L)"
-    local grid=("$RUNS/L-tst-s4-r0.3") s r
+    local grid=("$RUNS/L-tst-s4-r0.3-lr$(best_lr L)") s r
     for s in 2 4 8; do for r in 0.2 0.4; do grid+=("$RUNS/L-tst-s$s-r$r"); done; done
     grid+=("$RUNS/L-input-only-s4-r0.3" "$RUNS/L-output-only-s4-r0.3" "$RUNS/L-reinit-s4-r0.3"
            "$RUNS/L-power-s8-r0.4")
@@ -180,7 +180,7 @@ stage_report() {
     report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T"  # the baseline trained 2T
     if [ "$DRY_RUN" != "1" ]; then
         "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" \
-            $(for size in S M L; do echo "$size:$RUNS/$size-base-lr$(best_lr "$size"):$RUNS/$size-tst-s4-r0.3"; done)
+            $(for size in S M L; do lr=$(best_lr "$size"); echo "$size:$RUNS/$size-base-lr$lr:$RUNS/$size-tst-s4-r0.3-lr$lr"; done)
     fi
 }
 
