@@ -74,6 +74,8 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage, seq_length=config.model.seq_length,
         ))
+    for chunk in chunks:
+        expert_weights_in_expert_optimizer(chunk)
     overlap = overlap_settings(config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
@@ -82,6 +84,16 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
     )
     chunks = [DistributedDataParallel(model_config, ddp_config, device.module_to_device(chunk)) for chunk in chunks]
     return chunks, model_config
+
+
+def expert_weights_in_expert_optimizer(chunk):
+    """Mark routed-expert weights expert-parallel at EP=1 too. megatron-core puts them in the dense
+    optimizer at EP=1 and in a separate expert optimizer at EP>1, so Adam state saved at one EP size
+    would not load at the other; at EP=1 the expert data-parallel group is the data-parallel group,
+    so only the optimizer's structure changes, not the arithmetic."""
+    for name, param in chunk.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def build_optimizer(config: PretrainConfig, chunks, model_config):

@@ -143,7 +143,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         else:
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 27
+    assert len(runs) == 28
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
     assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
         == {128, 256, 384}

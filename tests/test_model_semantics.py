@@ -6,6 +6,8 @@
   plain indexing and the model's own decoder fed that input directly, bypassing the fold, the bag
   embedding and the fused loss.
 - Parameter counts of the built tiny and tiny-moe models against ``parameter_counts``.
+- MoE router losses (load balancing and z-loss) weigh the same against the loss per latent position
+  in phase 1 as against the loss per token in phase 2.
 """
 
 import pytest
@@ -76,3 +78,49 @@ def test_built_models_have_the_parameter_counts_of_their_preset(single_rank, nam
     else:
         assert counts["active"] == counts["total"]
 
+
+
+@pytest.mark.parametrize("shape", ["full", "input-only", "next-token"])
+def test_router_losses_weigh_the_same_per_position_in_both_phases(single_rank, shape):
+    """megatron-core's contract under calculate_per_token_loss: a router loss enters the backward as
+    coefficient x loss x positions routed, then every gradient is divided by the training loss's
+    token count, the valid targets (s per latent position in phase 1, one per position for
+    input-only and next-token batches). Whatever the batch, the router losses' gradient after that
+    division must be the one of an unlabelled forward (coefficients as configured) over the positions:
+    the same weight against the loss per position as in next-token training. Planted (coefficients
+    not scaled by the targets per position): full fails by a factor s."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    arch = preset("tiny-moe", moe_aux_loss_coeff=1e-2)
+    torch.default_generator.manual_seed(3)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(3)
+    model = build_gpt_model(arch, transformer_config(arch, moe_z_loss_coeff=1e-3, calculate_per_token_loss=True))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    generator = torch.Generator().manual_seed(4)
+    bag = {"full": BAG, "input-only": BAG, "next-token": 1}[shape]
+    tokens = torch.randint(0, arch.vocab_size, (BATCH, LATENT, bag) if bag > 1 else (BATCH, LATENT), generator=generator)
+    targets = {"full": BAG, "input-only": 1, "next-token": None}[shape]
+    labels = torch.randint(0, arch.vocab_size, (BATCH, LATENT, targets) if targets else (BATCH, LATENT),
+                           generator=generator)  # no ignored targets: count = targets x positions
+    positions = torch.arange(LATENT).unsqueeze(0).expand(BATCH, LATENT)
+
+    def router_loss_gradients(**forward):
+        model.zero_grad(set_to_none=True)
+        output = model(tokens, positions, None, **forward)
+        (0.0 * output.sum()).backward()  # only the router losses' own backward carries a gradient
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    training = router_loss_gradients(labels=labels)
+    reference = router_loss_gradients()  # logits, no labels: the coefficients as configured
+    count, positions_routed = (labels >= 0).sum().item(), BATCH * LATENT
+    assert sorted(training) == sorted(reference)
+    reached = set()
+    for name, expected in reference.items():
+        expected = expected / positions_routed
+        got = training[name] / count
+        scale = expected.abs().max()  # 0 for the experts' weights: routing losses see only the router's probabilities
+        assert (got - expected).abs().max() <= 1e-5 * scale, (name, (got / expected).nanmean().item())
+        reached.update(kind for kind in ("router", "self_attention", "embedding") if kind in name and scale > 0)
+    assert reached == {"router", "self_attention", "embedding"}

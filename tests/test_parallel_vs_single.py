@@ -88,24 +88,11 @@ def _merged_grads(ranks):
     return merged
 
 
-def _weights_only(start):
-    """Continue from this checkpoint's weights, schedule and data position with fresh Adam state
-    (what --reset-optimizer conversions write): megatron-core keeps a MoE model's optimizer state as
-    one optimizer at EP=1 and a chained dense + expert pair at EP>1, and that state does not load
-    across the two."""
-    path = os.path.join(start, "iter_0000001", "run_config.json")
-    with open(path) as handle:
-        config = json.load(handle)
-    with open(path, "w") as handle:
-        json.dump({**config, "reset_optimizer": True}, handle)
-
-
 @pytest.fixture(scope="module")
 def single_rank_run(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("vs_single")
     start = str(root / "start")
     run(args(corpus, start, *MOE, "--exit-interval", "1", iters=ITERS))
-    _weights_only(start)
     steps, ranks = _continue(corpus, start, str(root / "single"))
     return root, start, steps, _merged_grads(ranks)
 
@@ -170,4 +157,22 @@ def test_distributed_optimizer_checkpoint_continues_at_another_layout(corpus, di
     assert [r["iteration"] for r in resumed] == list(range(1, ITERS + 1))
     assert [r["phase"] for r in resumed] == [r["phase"] for r in reference]
     assert [r["loss"] for r in resumed[:2]] == [r["loss"] for r in reference[:2]]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=LOSS_RTOL)
+
+
+MOE_DO = [*MOE, "--use-distributed-optimizer"]
+
+
+def test_moe_distributed_optimizer_checkpoint_continues_at_another_expert_layout(corpus, tmp_path):
+    """A MoE run's distributed-optimizer checkpoint saved at EP=2 continued at EP=1 (DP=2) with its
+    Adam state retraces the uninterrupted EP=2 run: the expert weights are in megatron-core's expert
+    optimizer at every EP size, so the sharded optimizer state has one structure."""
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    ep2 = ["--expert-model-parallel-size", "2"]
+    run(args(corpus, whole, *MOE_DO, *ep2, iters=ITERS), world_size=2)
+    run(args(corpus, stopped, *MOE_DO, *ep2, "--exit-interval", "2", iters=ITERS), world_size=2)
+    run(args(corpus, stopped, *MOE_DO, iters=ITERS), world_size=2)  # EP=1, DP=2 from step 3
+    reference, resumed = records(whole)[0], records(stopped)[0]
+    assert [r["iteration"] for r in resumed] == list(range(1, ITERS + 1))
+    assert [r["phase"] for r in resumed] == [r["phase"] for r in reference]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in reference], rtol=LOSS_RTOL)

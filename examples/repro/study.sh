@@ -18,7 +18,8 @@
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
 # run; the whole study about 16 hours of one core.
 # Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), SIZES (the lr and size
-# stages' sizes, default "S M L"), PYTHON, OMP_NUM_THREADS.
+# stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
+# one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
 # Commands run are appended to $STUDY/commands.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -40,7 +41,7 @@ size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece 
     esac
 }
 learning_rates() {  # the baseline sweep per size (larger models want lower rates)
-    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "1e-3 2e-3 4e-3" ;; L) echo "5e-4 1e-3 2e-3" ;; esac
+    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "5e-4 1e-3 2e-3 4e-3" ;; L) echo "1e-3 5e-4 2e-3" ;; esac
 }
 
 finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (baseline, recovery, or r=1)
@@ -54,6 +55,7 @@ finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (basel
 run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
     local name=$1 size=$2 lr=$3 steps=$4 untie=(--untie-embeddings-and-output-weights)  # the paper's models
     shift 4
+    if [ -n "${RUN_FILTER:-}" ] && ! [[ $name =~ $RUN_FILTER ]]; then return 0; fi  # another lane's run
     if [ "${TIED:-0}" = "1" ]; then untie=(--tie-embeddings-and-output-weights); fi
     # shellcheck disable=SC2046
     local command=(

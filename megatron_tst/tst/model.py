@@ -6,6 +6,12 @@ megatron-core's own cross-entropy path unchanged, labels (b, L, s) the fused voc
 over the number of valid targets, ``num_valid_targets(labels)``. Ignored targets carry IGNORE_INDEX (fold a data loss mask into the labels with
 ``mask_labels``). The state dict is exactly a GPTModel's, so a phase-2 (next-token) model is a plain
 GPTModel and the same checkpoint loads into either.
+
+MoE router losses: megatron-core weighs the load-balancing and z losses by the positions routed,
+while the training loss is divided by the valid targets, s per position in phase 1. The model
+scales the router-loss coefficients by the targets per position of each batch it is given, so that
+--moe-aux-loss-coeff weighs the same against the loss per position in both phases (the paper does
+not say; left alone, phase 1 would balance the experts s times more weakly).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from megatron_tst.tst.fold import IGNORE_INDEX
 from megatron_tst.tst.loss import Weighting, bag_weights, fused_vocab_parallel_mce, mce_target_weights
 
 
+ROUTER_LOSSES = ("moe_aux_loss_coeff", "moe_z_loss_coeff")
+
+
 class TSTGPTModel(GPTModel):
     """GPTModel + bag inputs + multi-hot CE. ``loss_weighting``: see ``loss.bag_weights``."""
 
@@ -28,6 +37,15 @@ class TSTGPTModel(GPTModel):
         self.loss_weighting = loss_weighting
         if hasattr(self, "embedding"):
             TSTLanguageModelEmbedding.convert(self.embedding)
+        self.router_loss_coefficients = {name: getattr(self.config, name, None) for name in ROUTER_LOSSES}
+
+    def forward(self, *args, labels: torch.Tensor | None = None, **kwargs):
+        targets_per_position = labels.shape[-1] if labels is not None and labels.dim() == 3 else 1
+        for name, base in self.router_loss_coefficients.items():
+            if base:  # the routers read the shared config at every forward
+                setattr(self.config, name, [c * targets_per_position for c in base]
+                        if isinstance(base, (list, tuple)) else base * targets_per_position)
+        return super().forward(*args, labels=labels, **kwargs)
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if labels.dim() == 2:
