@@ -9,8 +9,6 @@ superposition steps and into recovery. Every step's loss and every gradient the 
 single-rank run.
 """
 
-import json
-import os
 import re
 import shutil
 
