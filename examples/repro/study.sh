@@ -91,20 +91,30 @@ run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
     fi
 }
 
-best_lr() {  # the LR whose baseline ends lowest (the paper: tuned for the baseline, reused for TST)
+best_lr() {  # best_lr SIZE [partial]: the LR whose baseline ends lowest (the paper: tuned for the
+    # baseline, reused for TST); "partial" (the report stage) picks among the finished runs only
     local size=$1
     if [ "$DRY_RUN" = "1" ]; then
         set -- $(learning_rates "$size")
         echo "$2"  # a placeholder: the real value is chosen after the lr stage
         return 0
     fi
-    "$PYTHON" - "$RUNS" "$size" $(learning_rates "$size") <<'PY'
+    "$PYTHON" - "$RUNS" "$size" "${2:-all}" "$STEPS" $(learning_rates "$size") <<'PY'
 import json, os, sys
-runs, size, rates = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs, size, which, steps, rates = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 def final(rate):
-    rows = [json.loads(line) for line in open(os.path.join(runs, f"{size}-base-lr{rate}", "metrics.jsonl"))]
-    return [r["validation_loss"] for r in rows if "validation_loss" in r][-1]
-print(min(rates, key=final))
+    path = os.path.join(runs, f"{size}-base-lr{rate}", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = [json.loads(line) for line in open(path)]
+    done = [r for r in rows if "validation_loss" in r and r["iteration"] == steps]  # finished runs
+    return done[-1]["validation_loss"] if done else None
+finals = {rate: final(rate) for rate in rates}
+missing = [rate for rate, value in finals.items() if value is None]
+if missing and which != "partial":
+    sys.exit(f"error: {size}'s baselines at lr {' '.join(missing)} have not run; run the lr stage first")
+present = [rate for rate in rates if finals[rate] is not None]
+print(min(present, key=finals.get) if present else "none")
 PY
 }
 
@@ -155,34 +165,50 @@ stage_grid() {
     run "L-base-2T" L "$lr" $((2 * STEPS))
 }
 
-report() {  # report NAME RUN... --baseline RUN
-    local name=$1
+report() {  # report NAME RUN... --baseline RUN  (a partial study: missing TST runs are left out)
+    local name=$1 runs=() baseline="" missing=()
     shift
+    while [ $# -gt 0 ]; do
+        if [ "$1" = "--baseline" ]; then baseline=$2; shift 2; continue; fi
+        if [ "$DRY_RUN" = "1" ] || [ -f "$1/metrics.jsonl" ] || [ -f "$1/recovery/metrics.jsonl" ] \
+            || [ -f "$1/superposition/metrics.jsonl" ]; then runs+=("$1"); else missing+=("$(basename "$1")"); fi
+        shift
+    done
     if [ "$DRY_RUN" = "1" ]; then
-        echo "$PYTHON tools/tst_report.py $* --output $STUDY/reports/$name"
+        echo "$PYTHON tools/tst_report.py ${runs[*]} --baseline $baseline --output $STUDY/reports/$name"
         return 0
     fi
-    "$PYTHON" tools/tst_report.py "$@" --output "$STUDY/reports/$name" > /dev/null
+    if [ ! -f "$baseline/metrics.jsonl" ] || [ ${#runs[@]} -eq 0 ]; then
+        echo "[study] report $name: skipped (baseline or every run not there yet)"
+        return 0
+    fi
+    [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not run yet)"
+    "$PYTHON" tools/tst_report.py "${runs[@]}" --baseline "$baseline" --output "$STUDY/reports/$name" > /dev/null
     echo "[study] report: $STUDY/reports/$name/report.md"
 }
 
-stage_report() {
-    local size base lr
+stage_report() {  # works on a partial study: what has not run yet is left out, and said so
+    local size base lr triples=()
     for size in S M L; do
-        base="$RUNS/$size-base-lr$(best_lr "$size")"
-        report "size-$size" "$RUNS/$size-tst-s4-r0.3-lr$(best_lr "$size")" --baseline "$base"
+        lr=$(best_lr "$size" partial)
+        report "size-$size" "$RUNS/$size-tst-s4-r0.3-lr$lr" --baseline "$RUNS/$size-base-lr$lr"
+        if [ -f "$RUNS/$size-base-lr$lr/metrics.jsonl" ] && [ -d "$RUNS/$size-tst-s4-r0.3-lr$lr" ]; then
+            triples+=("$size:$RUNS/$size-base-lr$lr:$RUNS/$size-tst-s4-r0.3-lr$lr")
+        fi
     done
     report "tied-M" "$RUNS/M-tied-tst-s4-r0.3" --baseline "$RUNS/M-tied-base"
-    base="$RUNS/L-base-lr$(best_lr L)"
-    local grid=("$RUNS/L-tst-s4-r0.3-lr$(best_lr L)") s r
+    lr=$(best_lr L partial)
+    base="$RUNS/L-base-lr$lr"
+    local grid=("$RUNS/L-tst-s4-r0.3-lr$lr") s r
     for s in 2 4 8; do for r in 0.2 0.4; do grid+=("$RUNS/L-tst-s$s-r$r"); done; done
     grid+=("$RUNS/L-input-only-s4-r0.3" "$RUNS/L-output-only-s4-r0.3" "$RUNS/L-reinit-s4-r0.3"
            "$RUNS/L-power-s8-r0.4")
     report "grid-L" "${grid[@]}" --baseline "$base"                   # equal steps (equal FLOPs)
     report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T"  # the baseline trained 2T
-    if [ "$DRY_RUN" != "1" ]; then
-        "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" \
-            $(for size in S M L; do lr=$(best_lr "$size"); echo "$size:$RUNS/$size-base-lr$lr:$RUNS/$size-tst-s4-r0.3-lr$lr"; done)
+    if [ "$DRY_RUN" = "1" ]; then
+        echo "$PYTHON examples/repro/gap_vs_size.py $STUDY SIZE:BASELINE:TST..."
+    elif [ ${#triples[@]} -gt 0 ]; then
+        "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" "${triples[@]}"
     fi
 }
 
