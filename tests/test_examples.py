@@ -143,7 +143,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 28
+    assert len(runs) == 33
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
     assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
         == {128, 256, 384}
@@ -153,6 +153,8 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert runs["L-output-only-s4-r0.3"][1].tst.tst_mode == "output-only"
     assert runs["L-reinit-s4-r0.3"][0].reinit_embeddings_at_switch
     assert runs["L-power-s8-r0.4"][1].tst.tst_loss_weighting == "power"
+    assert {runs[f"S-T{t}-{kind}-lr1e-3"][1].training.train_iters for t in (4000, 8000)
+            for kind in ("base", "tst-s4-r0.3")} == {4000, 8000}
     assert runs["L-base-2T"][1].training.train_iters == 2 * runs["L-base-lr1e-3"][1].training.train_iters
     assert not sizes["M-tied-base"].untie_embeddings_and_output_weights
     assert sizes["M-base-lr2e-3"].untie_embeddings_and_output_weights

@@ -12,13 +12,15 @@
 #   lr      baselines at three learning rates per size (S ~0.5M, M ~4.2M, L ~14M non-embedding
 #           parameters); the best final validation loss picks the size's LR, reused for TST
 #   size    TST s=4 r=0.3 at each size; tied and untied embeddings at M (baseline and TST)
+#   steps   gap vs training length: baseline and TST s=4 r=0.3 at S for T in $T_SWEEP (default
+#           8000 4000; T=2000 is the size stage's), the lr, warm-up and evaluation interval of T=2000
 #   grid    at L: s in {2,4,8} x r in {0.2,0.4}; input-only, output-only, reinit-at-switch (s=4,
 #           r=0.3); power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
 # run; the whole study about 16 hours of one core.
-# Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), SIZES (the lr and size
-# stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
+# Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, SIZES (the
+# lr and size stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
 # one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
 # Commands run are appended to $STUDY/commands.txt.
 set -euo pipefail
@@ -28,6 +30,7 @@ STUDY=${STUDY:-runs/study}
 STEPS=${STEPS:-2000}
 DRY_RUN=${DRY_RUN:-0}
 SIZES=${SIZES:-S M L}
+T_SWEEP=${T_SWEEP:-8000 4000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 RUNS="$STUDY/runs"
 DATA="$STUDY/corpus_text_document"
@@ -41,7 +44,7 @@ size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece 
     esac
 }
 learning_rates() {  # the baseline sweep per size (larger models want lower rates)
-    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "5e-4 1e-3 2e-3 4e-3" ;; L) echo "1e-3 5e-4 2e-3" ;; esac
+    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "2.5e-4 5e-4 1e-3 2e-3 4e-3" ;; L) echo "1e-3 5e-4 2e-3" ;; esac
 }
 
 finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (baseline, recovery, or r=1)
@@ -150,6 +153,15 @@ stage_size() {
     TIED=1 run "M-tied-tst-s4-r0.3" M "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
 }
 
+stage_steps() {  # gap vs training length at S, the lr tuned at T (the paper's gain shrinks with T)
+    local lr t
+    lr=$(best_lr S)
+    for t in $T_SWEEP; do
+        run "S-T$t-base-lr$lr" S "$lr" "$t"
+        run "S-T$t-tst-s4-r0.3-lr$lr" S "$lr" "$t" --tst-bag-size 4 --tst-ratio 0.3
+    done
+}
+
 stage_grid() {
     local lr s r
     lr=$(best_lr L)
@@ -197,6 +209,11 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
         fi
     done
     report "tied-M" "$RUNS/M-tied-tst-s4-r0.3" --baseline "$RUNS/M-tied-base"
+    lr=$(best_lr S partial)
+    local t
+    for t in $T_SWEEP; do
+        report "steps-S-T$t" "$RUNS/S-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-T$t-base-lr$lr"
+    done
     lr=$(best_lr L partial)
     base="$RUNS/L-base-lr$lr"
     local grid=("$RUNS/L-tst-s4-r0.3-lr$lr") s r
@@ -213,10 +230,10 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size grid report)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps grid report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|grid|report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, grid, report)" >&2; exit 2 ;;
+        corpus|lr|size|steps|grid|report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, grid, report)" >&2; exit 2 ;;
     esac
 done
