@@ -19,7 +19,7 @@ quickstart: install
 	PYTHON=$(abspath $(PY)) bash examples/quickstart.sh
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20  # the slowest, to keep the 2-core run under 25 minutes
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
