@@ -9,7 +9,7 @@
 # Stages (see examples/repro/README.md for the design and the expected CPU time):
 #   corpus  a real text corpus from this machine (tools/make_corpus.py: stdlib, plus python-doc,
 #           gcide and linux sources when installed), a 4096-piece SentencePiece tokenizer, .bin/.idx
-#   lr      baselines at three learning rates per size (S ~0.5M, M ~4.2M, L ~14M non-embedding
+#   lr      baselines at 3-5 learning rates per size (S ~0.5M, M ~4.2M, L ~14M non-embedding
 #           parameters); the best final validation loss picks the size's LR, reused for TST
 #   size    TST s=4 r=0.3 at each size; tied and untied embeddings at M (baseline and TST)
 #   steps   gap vs training length: baseline and TST s=4 r=0.3 at S for T in $T_SWEEP (default
@@ -44,7 +44,7 @@ size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece 
     esac
 }
 learning_rates() {  # the baseline sweep per size (larger models want lower rates)
-    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "2.5e-4 5e-4 1e-3 2e-3 4e-3" ;; L) echo "1e-3 5e-4 2e-3" ;; esac
+    case "$1" in S) echo "5e-4 1e-3 2e-3 4e-3 8e-3" ;; M) echo "2.5e-4 5e-4 1e-3 2e-3 4e-3" ;; L) echo "2.5e-4 5e-4 1e-3" ;; esac
 }
 
 finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (baseline, recovery, or r=1)
