@@ -131,19 +131,19 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     result = subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh")], capture_output=True, text=True,
                             env={"PATH": os.environ["PATH"], "DRY_RUN": "1", "PYTHON": "python"}, timeout=60)
     assert result.returncode == 0, result.stderr
-    runs, reports = {}, []
+    runs, commands, reports = {}, {}, []
     for line in result.stdout.splitlines():
         argv = shlex.split(line)
         if argv[1:3] == ["-m", "megatron_tst.launch"]:
             launch, rest = launcher_parser().parse_known_args(argv[3:])
             config = parse_args(rest)
             name = os.path.basename(config.checkpoint.save)
-            assert name not in runs
-            runs[name] = (launch, config)
+            assert name not in runs or commands[name] == line  # a name is one run (stages may share it)
+            runs[name], commands[name] = (launch, config), line
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 33
+    assert len(runs) == 40
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
     assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
         == {128, 256, 384}
@@ -155,6 +155,13 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert runs["L-power-s8-r0.4"][1].tst.tst_loss_weighting == "power"
     assert {runs[f"S-T{t}-{kind}-lr1e-3"][1].training.train_iters for t in (4000, 8000)
             for kind in ("base", "tst-s4-r0.3")} == {4000, 8000}
+    long = {n: c for n, (_, c) in runs.items() if n.startswith("S-T8000-")}  # the long stage at S
+    assert {n: c.training.lr for n, c in long.items() if "-base-" in n} == \
+        {"S-T8000-base-lr5e-4": 5e-4, "S-T8000-base-lr1e-3": 1e-3, "S-T8000-base-lr2e-3": 2e-3}
+    assert {(c.tst.tst_mode, c.tst.tst_bag_size) for n, c in long.items() if "-base-" not in n} == \
+        {("full", 4), ("input-only", 4), ("output-only", 4), ("full", 2), ("full", 8)}
+    assert runs["S-T8000-reinit-s4-r0.3-lr1e-3"][0].reinit_embeddings_at_switch
+    assert all(c.training.train_iters == 8000 for c in long.values())
     assert runs["L-base-2T"][1].training.train_iters == 2 * runs["L-base-lr1e-3"][1].training.train_iters
     assert not sizes["M-tied-base"].untie_embeddings_and_output_weights
     assert sizes["M-base-lr2e-3"].untie_embeddings_and_output_weights

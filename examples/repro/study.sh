@@ -2,7 +2,7 @@
 # Does TST pay off below 270M parameters? The small-scale study of issue 10 on a 2-core CPU, with
 # every run through the real launcher (resumable: rerun the same command after an interruption).
 #
-#   bash examples/repro/study.sh                 all stages in order: corpus lr size grid report
+#   bash examples/repro/study.sh                 all stages in order: corpus lr size steps long grid report
 #   bash examples/repro/study.sh lr size         only these stages (each skips finished runs)
 #   DRY_RUN=1 bash examples/repro/study.sh       print every run's exact command, run nothing
 #
@@ -14,12 +14,15 @@
 #   size    TST s=4 r=0.3 at each size; tied and untied embeddings at M (baseline and TST)
 #   steps   gap vs training length: baseline and TST s=4 r=0.3 at S for T in $T_SWEEP (default
 #           8000 4000; T=2000 is the size stage's), the lr, warm-up and evaluation interval of T=2000
-#   grid    at L: s in {2,4,8} x r in {0.2,0.4}; input-only, output-only, reinit-at-switch (s=4,
-#           r=0.3); power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
+#   long    where TST wins (S at T=$T_LONG, default 8000): the baseline's lr rechecked at that
+#           length (the S rate and its neighbours), then at the best of them input-only,
+#           output-only, reinit-at-switch (s=4, r=0.3) and s in {2,8} at r=0.3
+#   grid    at L: input-only, output-only, reinit-at-switch (s=4, r=0.3); s in {2,4,8} x r in
+#           {0.2,0.4}; power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
 # run; the whole study about 16 hours of one core.
-# Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, SIZES (the
+# Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, T_LONG, SIZES (the
 # lr and size stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
 # one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
 # Commands run are appended to $STUDY/commands.txt.
@@ -31,6 +34,7 @@ STEPS=${STEPS:-2000}
 DRY_RUN=${DRY_RUN:-0}
 SIZES=${SIZES:-S M L}
 T_SWEEP=${T_SWEEP:-8000 4000}
+T_LONG=${T_LONG:-8000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 RUNS="$STUDY/runs"
 DATA="$STUDY/corpus_text_document"
@@ -96,17 +100,21 @@ run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
 
 best_lr() {  # best_lr SIZE [partial]: the LR whose baseline ends lowest (the paper: tuned for the
     # baseline, reused for TST); "partial" (the report stage) picks among the finished runs only
-    local size=$1
+    best_of "$1-base-lr" "$STEPS" "${2:-all}" $(learning_rates "$1")
+}
+
+best_of() {  # best_of PREFIX STEPS all|partial RATE...: the rate whose run PREFIX$RATE ends lowest
+    local prefix=$1 steps=$2 which=$3
+    shift 3
     if [ "$DRY_RUN" = "1" ]; then
-        set -- $(learning_rates "$size")
-        echo "$2"  # a placeholder: the real value is chosen after the lr stage
+        echo "$2"  # a placeholder (the second rate): the real value is chosen once the runs are done
         return 0
     fi
-    "$PYTHON" - "$RUNS" "$size" "${2:-all}" "$STEPS" $(learning_rates "$size") <<'PY'
+    "$PYTHON" - "$RUNS" "$prefix" "$which" "$steps" "$@" <<'PY'
 import json, os, sys
-runs, size, which, steps, rates = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+runs, prefix, which, steps, rates = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 def final(rate):
-    path = os.path.join(runs, f"{size}-base-lr{rate}", "metrics.jsonl")
+    path = os.path.join(runs, f"{prefix}{rate}", "metrics.jsonl")
     if not os.path.isfile(path):
         return None
     rows = [json.loads(line) for line in open(path)]
@@ -115,10 +123,21 @@ def final(rate):
 finals = {rate: final(rate) for rate in rates}
 missing = [rate for rate, value in finals.items() if value is None]
 if missing and which != "partial":
-    sys.exit(f"error: {size}'s baselines at lr {' '.join(missing)} have not run; run the lr stage first")
+    sys.exit(f"error: the baselines {' '.join(prefix + rate for rate in missing)} have not run; run their stage first")
 present = [rate for rate in rates if finals[rate] is not None]
 print(min(present, key=finals.get) if present else "none")
 PY
+}
+
+neighbours() {  # neighbours SIZE LR: LR and the rates either side of it in the size's sweep
+    local rates=($(learning_rates "$1")) i
+    for i in "${!rates[@]}"; do
+        if [ "${rates[$i]}" = "$2" ]; then
+            [ "$i" -eq 0 ] || echo "${rates[$((i - 1))]}"
+            echo "$2"
+            [ "$((i + 1))" -ge "${#rates[@]}" ] || echo "${rates[$((i + 1))]}"
+        fi
+    done
 }
 
 stage_corpus() {
@@ -162,17 +181,36 @@ stage_steps() {  # gap vs training length at S, the lr tuned at T (the paper's g
     done
 }
 
+stage_long() {  # where TST wins at S (T=$T_LONG): the baseline's lr rechecked at that length,
+    # then the ablations and s in {2,8} at the best of those rates, read against TST s=4 r=0.3
+    local lr t=$T_LONG rates rate
+    lr=$(best_lr S)
+    rates=$(neighbours S "$lr")
+    for rate in $rates; do
+        run "S-T$t-base-lr$rate" S "$rate" "$t"
+    done
+    local long_lr
+    long_lr=$(best_of "S-T$t-base-lr" "$t" all $rates)
+    [ "$long_lr" = "$lr" ] || run "S-T$t-tst-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3
+    run "S-T$t-input-only-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode input-only
+    run "S-T$t-output-only-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode output-only
+    run "S-T$t-reinit-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --reinit-embeddings-at-switch
+    run "S-T$t-tst-s2-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 2 --tst-ratio 0.3
+    run "S-T$t-tst-s8-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 8 --tst-ratio 0.3
+}
+
 stage_grid() {
     local lr s r
     lr=$(best_lr L)
+    # the ablations first: each is read against the size stage's TST s=4 r=0.3 run
+    run "L-input-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode input-only
+    run "L-output-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode output-only
+    run "L-reinit-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --reinit-embeddings-at-switch
     for s in 2 4 8; do
         for r in 0.2 0.4; do
             run "L-tst-s$s-r$r" L "$lr" "$STEPS" --tst-bag-size "$s" --tst-ratio "$r"
         done
     done
-    run "L-input-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode input-only
-    run "L-output-only-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode output-only
-    run "L-reinit-s4-r0.3" L "$lr" "$STEPS" --tst-bag-size 4 --tst-ratio 0.3 --reinit-embeddings-at-switch
     run "L-power-s8-r0.4" L "$lr" "$STEPS" --tst-bag-size 8 --tst-ratio 0.4 --tst-loss-weighting power
     run "L-base-2T" L "$lr" $((2 * STEPS))
 }
@@ -200,7 +238,7 @@ report() {  # report NAME RUN... --baseline RUN  (a partial study: missing TST r
 }
 
 stage_report() {  # works on a partial study: what has not run yet is left out, and said so
-    local size base lr triples=()
+    local size base lr run_name triples=()
     for size in S M L; do
         lr=$(best_lr "$size" partial)
         report "size-$size" "$RUNS/$size-tst-s4-r0.3-lr$lr" --baseline "$RUNS/$size-base-lr$lr"
@@ -214,6 +252,12 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     for t in $T_SWEEP; do
         report "steps-S-T$t" "$RUNS/S-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-T$t-base-lr$lr"
     done
+    local long_lr long=()
+    long_lr=$(best_of "S-T$T_LONG-base-lr" "$T_LONG" partial $(neighbours S "$lr"))
+    for run_name in tst-s4-r0.3 input-only-s4-r0.3 output-only-s4-r0.3 reinit-s4-r0.3 tst-s2-r0.3 tst-s8-r0.3; do
+        long+=("$RUNS/S-T$T_LONG-$run_name-lr$long_lr")
+    done
+    report "long-S-T$T_LONG" "${long[@]}" --baseline "$RUNS/S-T$T_LONG-base-lr$long_lr"  # where TST wins
     lr=$(best_lr L partial)
     base="$RUNS/L-base-lr$lr"
     local grid=("$RUNS/L-tst-s4-r0.3-lr$lr") s r
@@ -230,10 +274,10 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps grid report)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|steps|grid|report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, steps, grid, report)" >&2; exit 2 ;;
+        corpus|lr|size|steps|long|grid|report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, report)" >&2; exit 2 ;;
     esac
 done
