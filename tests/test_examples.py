@@ -143,7 +143,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 40
+    assert len(runs) == 43
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
     assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
         == {128, 256, 384}
@@ -156,12 +156,15 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert {runs[f"S-T{t}-{kind}-lr1e-3"][1].training.train_iters for t in (4000, 8000)
             for kind in ("base", "tst-s4-r0.3")} == {4000, 8000}
     long = {n: c for n, (_, c) in runs.items() if n.startswith("S-T8000-")}  # the long stage at S
-    assert {n: c.training.lr for n, c in long.items() if "-base-" in n} == \
-        {"S-T8000-base-lr5e-4": 5e-4, "S-T8000-base-lr1e-3": 1e-3, "S-T8000-base-lr2e-3": 2e-3}
+    assert {n: c.training.lr for n, c in long.items() if "-base-" in n} == {"S-T8000-base-lr5e-4": 5e-4,
+        "S-T8000-base-lr1e-3": 1e-3, "S-T8000-base-lr2e-3": 2e-3, "S-T8000-base-lr1e-3-seed2": 1e-3}
     assert {(c.tst.tst_mode, c.tst.tst_bag_size) for n, c in long.items() if "-base-" not in n} == \
         {("full", 4), ("input-only", 4), ("output-only", 4), ("full", 2), ("full", 8)}
     assert runs["S-T8000-reinit-s4-r0.3-lr1e-3"][0].reinit_embeddings_at_switch
     assert all(c.training.train_iters == 8000 for c in long.values())
+    assert runs["S-T16000-base-lr1e-3"][1].training.train_iters == 16000
+    assert {runs[f"S-T8000-{kind}-lr1e-3-seed2"][1].training.seed for kind in ("base", "tst-s4-r0.3")} == {2345}
+    assert runs["S-T8000-base-lr1e-3"][1].training.seed == 1234
     assert runs["L-base-2T"][1].training.train_iters == 2 * runs["L-base-lr1e-3"][1].training.train_iters
     assert not sizes["M-tied-base"].untie_embeddings_and_output_weights
     assert sizes["M-base-lr2e-3"].untie_embeddings_and_output_weights

@@ -15,8 +15,9 @@
 #   steps   gap vs training length: baseline and TST s=4 r=0.3 at S for T in $T_SWEEP (default
 #           8000 4000; T=2000 is the size stage's), the lr, warm-up and evaluation interval of T=2000
 #   long    where TST wins (S at T=$T_LONG, default 8000): the baseline's lr rechecked at that
-#           length (the S rate and its neighbours), then at the best of them input-only,
-#           output-only, reinit-at-switch (s=4, r=0.3) and s in {2,8} at r=0.3
+#           length (the S rate and its neighbours), then at the best of them a 2T baseline (the
+#           iso-loss ratio), input-only, output-only, reinit-at-switch (s=4, r=0.3), s in {2,8}
+#           at r=0.3, and a second seed of the baseline and TST s=4 r=0.3
 #   grid    at L: input-only, output-only, reinit-at-switch (s=4, r=0.3); s in {2,4,8} x r in
 #           {0.2,0.4}; power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
@@ -192,11 +193,15 @@ stage_long() {  # where TST wins at S (T=$T_LONG): the baseline's lr rechecked a
     local long_lr
     long_lr=$(best_of "S-T$t-base-lr" "$t" all $rates)
     [ "$long_lr" = "$lr" ] || run "S-T$t-tst-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3
+    run "S-T$((2 * t))-base-lr$long_lr" S "$long_lr" $((2 * t))  # 2T: the iso-loss step ratio where TST wins
     run "S-T$t-input-only-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode input-only
     run "S-T$t-output-only-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --tst-mode output-only
     run "S-T$t-reinit-s4-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --reinit-embeddings-at-switch
     run "S-T$t-tst-s2-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 2 --tst-ratio 0.3
     run "S-T$t-tst-s8-r0.3-lr$long_lr" S "$long_lr" "$t" --tst-bag-size 8 --tst-ratio 0.3
+    # a second seed (initialisation and data order) of the headline pair: is the gap above the noise?
+    run "S-T$t-base-lr$long_lr-seed2" S "$long_lr" "$t" --seed 2345
+    run "S-T$t-tst-s4-r0.3-lr$long_lr-seed2" S "$long_lr" "$t" --tst-bag-size 4 --tst-ratio 0.3 --seed 2345
 }
 
 stage_grid() {
@@ -258,6 +263,10 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
         long+=("$RUNS/S-T$T_LONG-$run_name-lr$long_lr")
     done
     report "long-S-T$T_LONG" "${long[@]}" --baseline "$RUNS/S-T$T_LONG-base-lr$long_lr"  # where TST wins
+    report "seed2-S-T$T_LONG" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$long_lr-seed2" \
+        --baseline "$RUNS/S-T$T_LONG-base-lr$long_lr-seed2"
+    report "iso-loss-S-T$T_LONG" "${long[@]}" "$RUNS/S-T$T_LONG-base-lr$long_lr" \
+        --baseline "$RUNS/S-T$((2 * T_LONG))-base-lr$long_lr"
     lr=$(best_lr L partial)
     base="$RUNS/L-base-lr$lr"
     local grid=("$RUNS/L-tst-s4-r0.3-lr$lr") s r
