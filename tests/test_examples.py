@@ -171,6 +171,9 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     for name, (_, config) in runs.items():  # warm-up well before the earliest switch (r=0.2)
         assert config.training.lr_warmup_iters * 4 <= 0.2 * 2000 and config.data.allow_data_repetition is False
     reported = " ".join(reports)
+    iso_s = next(shlex.split(line) for line in reports if "reports/iso-loss-S-T8000" in line)
+    ladder = iso_s[iso_s.index("--baselines-by-length") + 1:iso_s.index("--output")]
+    assert sorted(runs[os.path.basename(p)][1].training.train_iters for p in ladder) == [2000, 4000, 8000, 16000]
     assert all(name in reported for name in runs if "-base-lr" not in name)
 
 

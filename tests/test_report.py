@@ -124,6 +124,40 @@ def test_iso_loss_interpolates_between_the_baseline_evaluations(hand_made, tmp_p
     assert table_a[1:6] == ["20", "5", "3.3500", "4.0000", "-0.6500"]  # the baseline at the same step 20
 
 
+def test_iso_loss_by_length_reads_final_losses_in_log_steps(hand_made, tmp_path, capsys):
+    """Baselines of 10, 20 and 40 steps, each ending (decayed) at 4.0, 3.6 and 3.2, 100 FLOPs and
+    0.5 s a step; the mid-run evaluations of the 40-step one are deliberately high (before decay)."""
+    _, (tst, lower, higher) = hand_made
+    ladder = []
+    for steps, final in ((10, 4.0), (20, 3.6), (40, 3.2)):
+        run = str(tmp_path / f"base{steps}")
+        _write(os.path.join(run, "metrics.jsonl"), _steps(range(10, steps + 1, 10), "next-token", 100, lambda i: 0.5)
+               + [dict(iteration=i, phase="next-token", validation_loss=final if i == steps else 5.0)
+                  for i in range(10, steps + 1, 10)])
+        ladder.append(tst_report.load_run(run))
+    # 3.35 lies between 3.6 (20 steps) and 3.2 (40): log-linear, 20 * 2 ** ((3.6 - 3.35) / 0.4) = 30.84
+    found = tst_report.iso_loss_by_length(ladder[::-1], 3.35)
+    assert found["reached"] and not found["upper_bound"]
+    assert found["step"] == pytest.approx(20 * 2 ** (0.25 / 0.4), rel=1e-12)
+    assert found["flops"] == pytest.approx(100 * found["step"]) and found["seconds"] == pytest.approx(0.5 * found["step"])
+    assert tst_report.iso_loss_by_length(ladder, 3.1) == dict(reached=False, step=40, loss=3.2)
+    assert tst_report.iso_loss_by_length(ladder, 5.5)["upper_bound"]
+    assert tst_report.iso_loss(ladder[2], 3.35)["step"] == pytest.approx(40 - (3.35 - 3.2) / 1.8 * 10)  # the biased read
+
+    paths = [run.path for run in ladder]
+    assert tst_report.main([tst, lower, higher, paths[1], "--baseline", paths[1], "--baselines-by-length", *paths,
+                            "--output", str(tmp_path / "out")]) == 0
+    lines = open(tmp_path / "out" / "report.md").read().splitlines()
+    section = lines[lines.index("## (b2) Iso-loss from baselines trained to different lengths"):]
+    iso = {line.split(" | ")[0][2:]: line.split(" | ") for line in section if line.startswith("| ")}
+    assert set(iso) == {"run", "tst", "lower", "higher"}  # the ladder's own runs are not rows
+    assert iso["tst"][2:6] == ["31", "3.08k", "15.4 s", "1.54x"]
+    assert iso["lower"][2].startswith("not reached (baseline ends at 3.2000 after 40)")
+    assert iso["higher"][2] == "≤ 10"
+    assert tst_report.main([tst, "--baselines-by-length", paths[0], "--output", str(tmp_path / "one")]) == 1
+    assert "two or more baselines" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setup,message", [
     (lambda d: None, "has no metrics.jsonl"),
     (lambda d: _write(os.path.join(d, "metrics.jsonl"), []), "no training records"),

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Compare TST runs with a baseline the paper's way, from the runs' metrics.jsonl files.
 
-    python tools/tst_report.py RUN_DIR... [--baseline RUN_DIR] [--output DIR]
+    python tools/tst_report.py RUN_DIR... [--baseline RUN_DIR] [--baselines-by-length RUN_DIR...]
+                               [--output DIR]
 
 A RUN_DIR is a launcher run's --save directory (its superposition/ and recovery/ metrics read as one
 run) or any directory holding a metrics.jsonl. Writes DIR/report.md (also printed) and, with
@@ -11,6 +12,8 @@ matplotlib (pip install -e ".[plots]"), DIR/report.png:
     not), with the raw data tokens consumed and the training wall-clock;
 (b) iso-loss: the steps, FLOPs and wall-clock the baseline needs to reach each run's final
     validation loss, interpolated linearly between the baseline's evaluations, and the speed-ups;
+    with --baselines-by-length, also read from the final losses of baselines trained to different
+    lengths (each decayed at its own end: the paper's reading, and the fair one under WSD);
 (c) a figure: validation loss against step and against FLOPs for every run, the switch marked,
     and the phase-1 training loss on the KL scale (MCE minus its floor; a bag-prediction loss, not
     comparable with next-token losses, shown for its shape).
@@ -25,6 +28,7 @@ import argparse
 import bisect
 import glob
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -168,6 +172,25 @@ def iso_loss(baseline: Run, target: float) -> dict:
     return dict(reached=False, step=baseline.final[0], loss=baseline.final[1])
 
 
+def iso_loss_by_length(baselines: list[Run], target: float) -> dict:
+    """The baseline steps whose *final* loss would be ``target``, from baselines trained to different
+    lengths, each with its own learning-rate decay: linear in log(steps) between the two final
+    losses around ``target`` (the paper's reading: a run against baselines of other lengths). A
+    decaying schedule makes a longer baseline's mid-run evaluations too high for this, since they
+    come before its decay. FLOPs and wall-clock are the longer bracketing baseline's at that step."""
+    finals = sorted((run.final[0], run.final[1], run) for run in baselines)
+    for (s0, l0, _), (s1, l1, longer) in zip(finals, finals[1:]):
+        if l1 <= target <= l0 and l1 < l0:
+            step = math.exp(math.log(s0) + (l0 - target) / (l0 - l1) * (math.log(s1) - math.log(s0)))
+            return dict(reached=True, upper_bound=False, step=step, flops=longer.flops_at(step),
+                        seconds=longer.seconds_at(step))
+    shortest, longest = finals[0], finals[-1]
+    if target >= shortest[1]:  # the shortest baseline already ends at or below it
+        return dict(reached=True, upper_bound=True, step=float(shortest[0]),
+                    flops=shortest[2].flops_at(shortest[0]), seconds=shortest[2].seconds_at(shortest[0]))
+    return dict(reached=False, step=longest[0], loss=longest[1])
+
+
 def _si(value: float) -> str:
     for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
@@ -188,7 +211,29 @@ def pick_baseline(runs: list[Run], baseline: Run | None) -> Run | None:
     return plain[0] if len(plain) == 1 else None
 
 
-def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None) -> str:
+def _iso_table(runs: list[Run], find) -> list[str]:
+    lines = ["| run | final val. loss at step | baseline steps | baseline FLOPs | baseline wall-clock "
+             "| speed-up (steps) | speed-up (FLOPs) | speed-up (wall-clock) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        step, loss = run.final
+        found = find(loss)
+        if not found["reached"]:
+            lower = found["step"] / step
+            lines.append(f"| {run.label()} | {loss:.4f} at {step} | not reached (baseline ends at "
+                         f"{found['loss']:.4f} after {found['step']}) | – | – | > {lower:.2f}x | – | – |")
+            continue
+        bound = "≤ " if found["upper_bound"] else ""
+        lines.append(
+            f"| {run.label()} | {loss:.4f} at {step} | {bound}{found['step']:.0f} | {bound}{_si(found['flops'])} | "
+            f"{bound}{_duration(found['seconds'])} | {bound}{found['step'] / step:.2f}x | "
+            f"{bound}{found['flops'] / run.flops_at(step):.2f}x | "
+            f"{bound}{found['seconds'] / max(run.seconds_at(step), 1e-12):.2f}x |")
+    return lines
+
+
+def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None,
+                    by_length: list[Run] = ()) -> str:
     lines = ["# TST report", ""]
     lines.append("Next-token validation losses (the same validation samples at every evaluation). A step "
                  "costs the same model FLOPs with or without TST (the model sees the same number of "
@@ -208,30 +253,25 @@ def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None) -
             f"{_si(run.flops_at(step))} | {_si(run.steps[-1]['raw_tokens'])} | {_duration(run.seconds_at(step))} |")
     lines += ["", "Wall-clock: logged training step times summed (no evaluation, checkpoints or start-up)."]
     if baseline is not None:
-        lines += ["", "## (b) Iso-loss: what the baseline needs to reach each run's final loss", "",
-                  "| run | final val. loss at step | baseline steps | baseline FLOPs | baseline wall-clock "
-                  "| speed-up (steps) | speed-up (FLOPs) | speed-up (wall-clock) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for run in runs:
-            if run is baseline:
-                continue
-            step, loss = run.final
-            found = iso_loss(baseline, loss)
-            if not found["reached"]:
-                lower = found["step"] / step
-                lines.append(f"| {run.label()} | {loss:.4f} at {step} | not reached (baseline ends at "
-                             f"{found['loss']:.4f} after {found['step']}) | – | – | > {lower:.2f}x | – | – |")
-                continue
-            bound = "≤ " if found["upper_bound"] else ""
-            lines.append(
-                f"| {run.label()} | {loss:.4f} at {step} | {bound}{found['step']:.0f} | {bound}{_si(found['flops'])} | "
-                f"{bound}{_duration(found['seconds'])} | {bound}{found['step'] / step:.2f}x | "
-                f"{bound}{found['flops'] / run.flops_at(step):.2f}x | "
-                f"{bound}{found['seconds'] / max(run.seconds_at(step), 1e-12):.2f}x |")
+        lines += ["", "## (b) Iso-loss: what the baseline needs to reach each run's final loss", ""]
+        lines += _iso_table([run for run in runs if run is not baseline], lambda loss: iso_loss(baseline, loss))
         lines += ["", "Baseline steps are interpolated linearly between its evaluations (\"≤\": already "
                   "reached at its first evaluation); a speed-up above 1x means the run reached that loss "
                   "with less. \"not reached\": the baseline never got that low in its run; train it longer "
-                  "(about 2x the steps) for a reading."]
+                  "(about 2x the steps) for a reading. With a decaying schedule (WSD, cosine) the "
+                  "baseline's evaluations before its own decay read high, which flatters any run that has "
+                  "decayed by its end: a longer baseline read this way gives a shorter, fully decayed "
+                  "baseline a speed-up too. Give --baselines-by-length for the reading from final losses."]
+    if by_length:
+        lengths = ", ".join(f"{run.name} ({run.final[0]} steps: {run.final[1]:.4f})"
+                            for run in sorted(by_length, key=lambda run: run.final[0]))
+        lines += ["", "## (b2) Iso-loss from baselines trained to different lengths", "",
+                  f"Baselines, each decayed at its own end: {lengths}.", ""]
+        lines += _iso_table([run for run in runs if run not in by_length],
+                            lambda loss: iso_loss_by_length(by_length, loss))
+        lines += ["", "Baseline steps: linear in log(steps) between the two final losses around the run's "
+                  "(\"≤\": the shortest baseline already ends at or below it; \"not reached\": the longest "
+                  "ends above it)."]
     if figure:
         lines += ["", "## (c) Curves", "", f"![validation loss]({os.path.basename(figure)})", "",
                   "Solid: next-token validation loss. Dashed: phase-1 training loss on the KL scale (MCE "
@@ -279,6 +319,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--baseline", metavar="RUN_DIR", help="the baseline run (default: the one non-TST run)")
+    parser.add_argument("--baselines-by-length", nargs="+", metavar="RUN_DIR", default=[],
+                        help="baselines trained to different lengths (each decayed at its own end): adds "
+                             "the iso-loss read from their final losses")
     parser.add_argument("--output", metavar="DIR", default="tst_report", help="where report.md/.png go")
     args = parser.parse_args(argv)
     try:
@@ -286,6 +329,11 @@ def main(argv=None) -> int:
         names = [os.path.basename(p) for p in paths]
         runs = [load_run(p, p if names.count(os.path.basename(p)) > 1 else None) for p in paths]
         baseline = pick_baseline(runs, runs[0] if args.baseline else None)
+        by_length = [next(run for run in runs if run.path == os.path.normpath(p)) for p in args.baselines_by_length
+                     if os.path.normpath(p) in paths] + \
+                    [load_run(p) for p in args.baselines_by_length if os.path.normpath(p) not in paths]
+        if len(by_length) == 1:
+            raise ReportError("--baselines-by-length needs two or more baselines of different lengths")
     except (ReportError, OSError, KeyError) as error:
         message = f"missing field {error}" if isinstance(error, KeyError) else str(error)
         print(f"error: {message}", file=sys.stderr)
@@ -295,7 +343,7 @@ def main(argv=None) -> int:
     if not plot(runs, figure):
         print("note: no figure (matplotlib missing: pip install -e \".[plots]\")", file=sys.stderr)
         figure = None
-    markdown = report_markdown(runs, baseline, figure)
+    markdown = report_markdown(runs, baseline, figure, by_length)
     with open(os.path.join(args.output, "report.md"), "w") as handle:
         handle.write(markdown)
     print(markdown, end="")

@@ -220,17 +220,26 @@ stage_grid() {
     run "L-base-2T" L "$lr" $((2 * STEPS))
 }
 
-report() {  # report NAME RUN... --baseline RUN  (a partial study: missing TST runs are left out)
-    local name=$1 runs=() baseline="" missing=()
+report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  (a partial study:
+    # missing TST runs are left out; the length ladder is given when two or more of it have run)
+    local name=$1 runs=() baseline="" missing=() ladder=() by_length=()
     shift
     while [ $# -gt 0 ]; do
         if [ "$1" = "--baseline" ]; then baseline=$2; shift 2; continue; fi
+        if [ "$1" = "--baselines-by-length" ]; then
+            shift
+            for run_dir in "$@"; do
+                [ "$DRY_RUN" != "1" ] && [ ! -f "$run_dir/metrics.jsonl" ] || ladder+=("$run_dir")
+            done
+            break
+        fi
         if [ "$DRY_RUN" = "1" ] || [ -f "$1/metrics.jsonl" ] || [ -f "$1/recovery/metrics.jsonl" ] \
             || [ -f "$1/superposition/metrics.jsonl" ]; then runs+=("$1"); else missing+=("$(basename "$1")"); fi
         shift
     done
     if [ "$DRY_RUN" = "1" ]; then
-        echo "$PYTHON tools/tst_report.py ${runs[*]} --baseline $baseline --output $STUDY/reports/$name"
+        [ ${#ladder[@]} -lt 2 ] || by_length=(--baselines-by-length "${ladder[@]}")
+        echo "$PYTHON tools/tst_report.py ${runs[*]} --baseline $baseline ${by_length[*]} --output $STUDY/reports/$name"
         return 0
     fi
     if [ ! -f "$baseline/metrics.jsonl" ] || [ ${#runs[@]} -eq 0 ]; then
@@ -238,12 +247,14 @@ report() {  # report NAME RUN... --baseline RUN  (a partial study: missing TST r
         return 0
     fi
     [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not run yet)"
-    "$PYTHON" tools/tst_report.py "${runs[@]}" --baseline "$baseline" --output "$STUDY/reports/$name" > /dev/null
+    [ ${#ladder[@]} -lt 2 ] || by_length=(--baselines-by-length "${ladder[@]}")
+    "$PYTHON" tools/tst_report.py "${runs[@]}" --baseline "$baseline" ${by_length[@]+"${by_length[@]}"} \
+        --output "$STUDY/reports/$name" > /dev/null
     echo "[study] report: $STUDY/reports/$name/report.md"
 }
 
 stage_report() {  # works on a partial study: what has not run yet is left out, and said so
-    local size base lr run_name triples=()
+    local size base lr run_name t triples=()
     for size in S M L; do
         lr=$(best_lr "$size" partial)
         report "size-$size" "$RUNS/$size-tst-s4-r0.3-lr$lr" --baseline "$RUNS/$size-base-lr$lr"
@@ -253,7 +264,6 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     done
     report "tied-M" "$RUNS/M-tied-tst-s4-r0.3" --baseline "$RUNS/M-tied-base"
     lr=$(best_lr S partial)
-    local t
     for t in $T_SWEEP; do
         report "steps-S-T$t" "$RUNS/S-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-T$t-base-lr$lr"
     done
@@ -265,8 +275,10 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     report "long-S-T$T_LONG" "${long[@]}" --baseline "$RUNS/S-T$T_LONG-base-lr$long_lr"  # where TST wins
     report "seed2-S-T$T_LONG" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$long_lr-seed2" \
         --baseline "$RUNS/S-T$T_LONG-base-lr$long_lr-seed2"
+    local ladder=("$RUNS/S-base-lr$long_lr")  # baselines of every length, each decayed at its end
+    for t in $T_SWEEP $((2 * T_LONG)); do ladder+=("$RUNS/S-T$t-base-lr$long_lr"); done
     report "iso-loss-S-T$T_LONG" "${long[@]}" "$RUNS/S-T$T_LONG-base-lr$long_lr" \
-        --baseline "$RUNS/S-T$((2 * T_LONG))-base-lr$long_lr"
+        --baseline "$RUNS/S-T$((2 * T_LONG))-base-lr$long_lr" --baselines-by-length "${ladder[@]}"
     lr=$(best_lr L partial)
     base="$RUNS/L-base-lr$lr"
     local grid=("$RUNS/L-tst-s4-r0.3-lr$lr") s r
@@ -274,7 +286,8 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     grid+=("$RUNS/L-input-only-s4-r0.3" "$RUNS/L-output-only-s4-r0.3" "$RUNS/L-reinit-s4-r0.3"
            "$RUNS/L-power-s8-r0.4")
     report "grid-L" "${grid[@]}" --baseline "$base"                   # equal steps (equal FLOPs)
-    report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T"  # the baseline trained 2T
+    report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T" \
+        --baselines-by-length "$base" "$RUNS/L-base-2T"  # the baseline trained T and 2T
     if [ "$DRY_RUN" = "1" ]; then
         echo "$PYTHON examples/repro/gap_vs_size.py $STUDY SIZE:BASELINE:TST..."
     elif [ ${#triples[@]} -gt 0 ]; then
