@@ -22,7 +22,7 @@
 #           {0.2,0.4}; power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
-# run; the whole study about 16 hours of one core.
+# run; the whole study about 21 hours of one core.
 # Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, T_LONG, SIZES (the
 # lr and size stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
 # one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
