@@ -222,7 +222,7 @@ stage_grid() {
 
 report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  (a partial study:
     # missing TST runs are left out; the length ladder is given when two or more of it have run)
-    local name=$1 runs=() baseline="" missing=() ladder=() by_length=()
+    local name=$1 runs=() baseline="" missing=() ladder=() by_length=() run_dir
     shift
     while [ $# -gt 0 ]; do
         if [ "$1" = "--baseline" ]; then baseline=$2; shift 2; continue; fi
