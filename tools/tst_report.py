@@ -178,7 +178,7 @@ def iso_loss_by_length(baselines: list[Run], target: float) -> dict:
     losses around ``target`` (the paper's reading: a run against baselines of other lengths). A
     decaying schedule makes a longer baseline's mid-run evaluations too high for this, since they
     come before its decay. FLOPs and wall-clock are the longer bracketing baseline's at that step."""
-    finals = sorted((run.final[0], run.final[1], run) for run in baselines)
+    finals = sorted(((run.final[0], run.final[1], run) for run in baselines), key=lambda row: row[:2])
     for (s0, l0, _), (s1, l1, longer) in zip(finals, finals[1:]):
         if l1 <= target <= l0 and l1 < l0:
             step = math.exp(math.log(s0) + (l0 - target) / (l0 - l1) * (math.log(s1) - math.log(s0)))
@@ -267,7 +267,7 @@ def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None,
                             for run in sorted(by_length, key=lambda run: run.final[0]))
         lines += ["", "## (b2) Iso-loss from baselines trained to different lengths", "",
                   f"Baselines, each decayed at its own end: {lengths}.", ""]
-        lines += _iso_table([run for run in runs if run not in by_length],
+        lines += _iso_table([run for run in runs if all(run is not other for other in by_length)],
                             lambda loss: iso_loss_by_length(by_length, loss))
         lines += ["", "Baseline steps: linear in log(steps) between the two final losses around the run's "
                   "(\"≤\": the shortest baseline already ends at or below it; \"not reached\": the longest "
@@ -329,9 +329,8 @@ def main(argv=None) -> int:
         names = [os.path.basename(p) for p in paths]
         runs = [load_run(p, p if names.count(os.path.basename(p)) > 1 else None) for p in paths]
         baseline = pick_baseline(runs, runs[0] if args.baseline else None)
-        by_length = [next(run for run in runs if run.path == os.path.normpath(p)) for p in args.baselines_by_length
-                     if os.path.normpath(p) in paths] + \
-                    [load_run(p) for p in args.baselines_by_length if os.path.normpath(p) not in paths]
+        loaded = {run.path: run for run in runs}  # a ladder baseline also given as a RUN_DIR is one run
+        by_length = [loaded.get(os.path.normpath(p)) or load_run(p) for p in dict.fromkeys(args.baselines_by_length)]
         if len(by_length) == 1:
             raise ReportError("--baselines-by-length needs two or more baselines of different lengths")
     except (ReportError, OSError, KeyError) as error:
