@@ -237,8 +237,8 @@ report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  
             || [ -f "$1/superposition/metrics.jsonl" ]; then runs+=("$1"); else missing+=("$(basename "$1")"); fi
         shift
     done
+    [ ${#ladder[@]} -lt 2 ] || by_length=(--baselines-by-length "${ladder[@]}")
     if [ "$DRY_RUN" = "1" ]; then
-        [ ${#ladder[@]} -lt 2 ] || by_length=(--baselines-by-length "${ladder[@]}")
         echo "$PYTHON tools/tst_report.py ${runs[*]} --baseline $baseline ${by_length[*]} --output $STUDY/reports/$name"
         return 0
     fi
@@ -247,7 +247,6 @@ report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  
         return 0
     fi
     [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not run yet)"
-    [ ${#ladder[@]} -lt 2 ] || by_length=(--baselines-by-length "${ladder[@]}")
     "$PYTHON" tools/tst_report.py "${runs[@]}" --baseline "$baseline" ${by_length[@]+"${by_length[@]}"} \
         --output "$STUDY/reports/$name" > /dev/null
     echo "[study] report: $STUDY/reports/$name/report.md"
