@@ -204,3 +204,10 @@ def test_model_flops_the_report_compares_count_the_output_head_with_tied_or_unti
     blocks = layers * (2 * h * heads * head_dim + 2 * h * groups * head_dim + 3 * h * ffn + 2 * h) + h
     expected = 2 * (blocks + 4096 * h) + 4 * 32 * heads * head_dim * layers  # blocks + head; seq 32
     assert model_flops_per_position(untied, 32) == expected == model_flops_per_position(tied, 32)
+
+
+@pytest.mark.parametrize("count", [3, 10, 12, 20])
+def test_every_run_in_a_figure_gets_its_own_colour(count):
+    colors = pytest.importorskip("matplotlib.colors")
+    rgba = [colors.to_rgba(color) for color in tst_report.run_colors(count)]
+    assert len(rgba) == count and len(set(rgba)) == count

@@ -280,6 +280,17 @@ def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None,
     return "\n".join(lines) + "\n"
 
 
+def run_colors(count: int) -> list:
+    """One colour per run: matplotlib's default cycle up to 10 runs, tab20 up to 20 (a grid's
+    dozen runs must not share colours); past 20 they repeat."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    palette = colormaps["tab20"].colors
+    return [palette[index % len(palette)] for index in range(count)]
+
+
 def plot(runs: list[Run], path: str) -> bool:
     try:
         import matplotlib
@@ -289,8 +300,7 @@ def plot(runs: list[Run], path: str) -> bool:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    for index, run in enumerate(runs):
-        color = f"C{index % 10}"
+    for run, color in zip(runs, run_colors(len(runs))):
         iters = [i for i, _ in run.validations]
         losses = [loss for _, loss in run.validations]
         phase1 = [r for r in run.steps if r["phase"] == "superposition"]
