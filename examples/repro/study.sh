@@ -2,7 +2,7 @@
 # Does TST pay off below 270M parameters? The small-scale study of issue 10 on a 2-core CPU, with
 # every run through the real launcher (resumable: rerun the same command after an interruption).
 #
-#   bash examples/repro/study.sh                 all stages in order: corpus lr size steps long grid report
+#   bash examples/repro/study.sh                 all stages in order: corpus lr size steps long grid crossover report
 #   bash examples/repro/study.sh lr size         only these stages (each skips finished runs)
 #   DRY_RUN=1 bash examples/repro/study.sh       print every run's exact command, run nothing
 #
@@ -20,9 +20,11 @@
 #           at r=0.3, and a second seed of the baseline and TST s=4 r=0.3
 #   grid    at L: input-only, output-only, reinit-at-switch (s=4, r=0.3); s in {2,4,8} x r in
 #           {0.2,0.4}; power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
+#   crossover does S's win at T=$T_LONG hold one size up: M's baseline and TST s=4 r=0.3 at T_LONG,
+#           M's lr (set by step count, M wins too; by tokens per parameter, 4x fewer, it does not)
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
-# run; the whole study about 21 hours of one core.
+# run; the whole study about 23 hours of one core.
 # Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, T_LONG, SIZES (the
 # lr and size stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
 # one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
@@ -220,6 +222,13 @@ stage_grid() {
     run "L-base-2T" L "$lr" $((2 * STEPS))
 }
 
+stage_crossover() {
+    local lr
+    lr=$(best_lr M)
+    run "M-T$T_LONG-base-lr$lr" M "$lr" "$T_LONG"
+    run "M-T$T_LONG-tst-s4-r0.3-lr$lr" M "$lr" "$T_LONG" --tst-bag-size 4 --tst-ratio 0.3
+}
+
 report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  (a partial study:
     # missing TST runs are left out; the length ladder is given when two or more of it have run)
     local name=$1 runs=() baseline="" missing=() ladder=() by_length=() run_dir
@@ -287,6 +296,8 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     report "grid-L" "${grid[@]}" --baseline "$base"                   # equal steps (equal FLOPs)
     report "iso-loss-L" "${grid[@]}" "$base" --baseline "$RUNS/L-base-2T" \
         --baselines-by-length "$base" "$RUNS/L-base-2T"  # the baseline trained T and 2T
+    lr=$(best_lr M partial)
+    report "long-M-T$T_LONG" "$RUNS/M-T$T_LONG-tst-s4-r0.3-lr$lr" --baseline "$RUNS/M-T$T_LONG-base-lr$lr"
     if [ "$DRY_RUN" = "1" ]; then
         echo "$PYTHON examples/repro/gap_vs_size.py $STUDY SIZE:BASELINE:TST..."
     elif [ ${#triples[@]} -gt 0 ]; then
@@ -295,10 +306,10 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid report)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|steps|long|grid|report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, report)" >&2; exit 2 ;;
+        corpus|lr|size|steps|long|grid|crossover|report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, report)" >&2; exit 2 ;;
     esac
 done
