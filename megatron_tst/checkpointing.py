@@ -13,16 +13,19 @@ shape, the TST plan and the framework version, readable without torch).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import zipfile
+from multiprocessing.managers import SyncManager
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 import megatron_tst
+from megatron_tst import orphan
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
@@ -153,6 +156,24 @@ def _rng_state() -> dict:
     return state
 
 
+_writer_manager = None
+
+
+def _signal_proof_writer_queue() -> None:
+    """megatron-core's torch_dist writer hands its results through a queue served by a helper
+    process it starts at the first save (multiprocessing Manager, spawn). A SIGTERM to the whole
+    job (SLURM, Kubernetes, killpg) killed that helper, and the save the signal asked for then
+    failed with a broken pipe. Serve megatron-core's queue from a helper that ignores the job's
+    signals and ends with this process instead; megatron-core takes the queue from its cache."""
+    global _writer_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        _writer_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _writer_manager.start(initializer=orphan.keep_helper_through_job_signals)
+        filesystem_async._results_queue = _writer_manager.Queue()
+
+
 def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: dict, run_config: dict) -> str:
     """Write checkpoint ``iteration`` under ``root``; ``common`` is small picklable state (data
     position, TST state, ...). Collective: every rank calls it."""
@@ -168,6 +189,7 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
     state["iteration"] = iteration
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["common"] = common
+    _signal_proof_writer_queue()
     dist_checkpointing.save(state, partial)
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))

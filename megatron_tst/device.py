@@ -21,11 +21,12 @@ def current() -> torch.device:
 
 def batch_to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A micro-batch on this rank's device. On a GPU the copy goes through pinned memory and does
-    not wait for the host (the next kernel on the stream orders it); on a CPU nothing is copied."""
+    not wait for the host (the next kernel on the stream orders it); on a CPU nothing is copied.
+    A broadcast view (``expand``) is made dense first: pinning refuses overlapping memory."""
     if not cuda():
         return batch
     device = current()
-    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+    return {key: value.contiguous().pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def module_to_device(module: torch.nn.Module) -> torch.nn.Module:

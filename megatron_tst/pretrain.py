@@ -27,7 +27,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
 from megatron_tst import checkpointing, device, orphan, parallel, preflight
 from megatron_tst.arguments import (
@@ -82,6 +83,11 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
     )
+    if model_config.bf16:
+        # as Megatron-LM's get_model: every parameter in bf16 (torch norms are built in fp32), so the
+        # mixed-precision optimizer's fp32 main copies cover all of them and its checkpoint maps each
+        # one to a model tensor; inputs cast on the first stage, outputs to fp32 on the last
+        chunks = [Float16Module(model_config, chunk) for chunk in chunks]
     chunks = [DistributedDataParallel(model_config, ddp_config, device.module_to_device(chunk)) for chunk in chunks]
     return chunks, model_config
 
@@ -266,7 +272,7 @@ def pretrain(config: PretrainConfig) -> dict:
 
     is_logger = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
     metrics = MetricsLogger(ckpt.save, config.logging.tensorboard_dir, enabled=is_logger)
-    modules = [chunk.module for chunk in chunks]  # checkpoints hold the bare model's keys
+    modules = unwrap_model(chunks)  # the bare models (no DDP, no Float16Module): checkpoints hold their keys
     iteration, consumed, data_plan = 0, {}, plan
     load_root = ckpt.load
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None:

@@ -190,3 +190,42 @@ def test_a_job_whose_launcher_or_torchrun_dies_saves_and_stops(corpus, tmp_path,
     tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
     assert os.path.isfile(tracker), "".join(job.seen)
     assert int(open(tracker).read()) >= 1 and not [n for n in os.listdir(save) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_to_every_process_of_the_job_saves_and_stops(corpus, tmp_path, nproc):
+    """A scheduler's stop (SLURM's scancel or preemption, Kubernetes) sends SIGTERM to every process
+    of the job at once, helpers included. megatron-core's checkpoint writer serves its results from a
+    helper process, and a killed helper made the save that the signal asked for fail (broken pipe):
+    the run then lost everything since the last periodic checkpoint. The job must save where it
+    stands, stop, and leave no process behind."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    save = str(tmp_path / "run")
+    # a periodic checkpoint at 2 starts the writer's helper; the signal's checkpoint comes later
+    job = Job([sys.executable, "-m", "megatron_tst.launch", "--nproc-per-node", str(nproc), "--master-port", str(port),
+               *args(corpus, save, "--allow-data-repetition", "--save-interval", "2", iters=200000, tst=False)])
+    deadline = time.monotonic() + 300
+    while not any(" iteration        5 |" in line for line in job.seen):
+        assert job.poll_output() and time.monotonic() < deadline, "".join(job.seen)
+        time.sleep(0.01)
+    launcher = psutil.Process(job.process.pid)
+    everything = [launcher, *launcher.children(recursive=True)]
+    assert len(everything) >= 2 + nproc  # launcher, job or torchrun + workers, the writer's helper(s)
+    for process in everything:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    job.finish(timeout=180)
+    gone, alive = psutil.wait_procs(everything, timeout=60)
+    for process in alive:
+        process.kill()
+    assert not alive, "".join(job.seen)
+    saved = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    logged_steps = [int(line.split("|")[0].split()[-1]) for line in job.seen if line.startswith(" iteration ")]
+    assert saved == max(logged_steps) >= 5, "".join(job.seen[-30:])  # where it stood, not the last periodic one
+    assert not [n for n in os.listdir(save) if n.endswith(".tmp")]

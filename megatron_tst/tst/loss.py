@@ -130,10 +130,10 @@ def mce_target_weights(labels: torch.Tensor, weighting: Weighting = "uniform") -
 
 def listing3_target_weights(labels: torch.Tensor, weighting: Weighting = "uniform") -> torch.Tensor:
     """Target weights for folded labels (..., s) under which sum(fused losses) == Listing 3."""
-    weights = torch.tensor(bag_weights(labels.shape[-1], weighting), dtype=torch.float64)
+    weights = torch.tensor(bag_weights(labels.shape[-1], weighting), dtype=torch.float64, device=labels.device)
     valid = (labels >= 0).to(torch.float64)
     per_slot_count = valid.reshape(-1, labels.shape[-1]).sum(0).clamp_min(1.0)
-    return (valid * weights / (weights.sum() * per_slot_count)).to(labels.device)
+    return valid * weights / (weights.sum() * per_slot_count)
 
 
 def _tp_group_or_none(tp_group):
