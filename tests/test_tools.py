@@ -57,6 +57,23 @@ def test_make_corpus_writes_real_documents(corpus_and_tokenizer):
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
 
 
+def test_make_corpus_packages_source_mixes_packages(tmp_path):
+    """The installed packages' sources (what a bare GPU box holds): a byte budget's prefix spans many
+    packages, the same on every run; each document is the file's text."""
+    import sysconfig
+
+    out, again = tmp_path / "packages.jsonl", tmp_path / "again.jsonl"
+    tool("make_corpus.py", "--sources", "packages", "--output", out, "--max-bytes", 1_000_000)
+    tool("make_corpus.py", "--sources", "packages", "--output", again, "--max-bytes", 1_000_000)
+    documents = [json.loads(line) for line in open(out)]
+    assert open(out).read() == open(again).read()
+    assert all(d["source"] == "packages" and d["id"].endswith(".py") for d in documents)
+    assert len({d["id"].split("/")[0] for d in documents}) >= 5
+    site = sysconfig.get_paths()["purelib"]
+    first = documents[0]
+    assert open(os.path.join(site, first["id"]), encoding="utf-8").read() == first["text"]
+
+
 def test_preprocess_round_trip_and_megatron_layout(corpus_and_tokenizer, tmp_path):
     _, corpus, model = corpus_and_tokenizer
     tool("preprocess_data.py", "--input", corpus, "--output-prefix", tmp_path / "out",

@@ -23,6 +23,9 @@
 #   crossover does S's win at T=$T_LONG hold one size up: M's baseline and TST s=4 r=0.3 at T_LONG,
 #           M's lr (set by step count, M wins too; by tokens per parameter, 4x fewer, it does not)
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
+# Stages run only when named (a GPU machine; see examples/repro/gpu_size_up.sh):
+#   gpu     one size up: L and XL (~34M), baseline and TST s=4 r=0.3 at gpu_rates, all runs at once
+#   gpu_report  the gpu stage's reports and gap plot
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
 # run; the whole study about 23 hours of one core.
 # Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, T_LONG, SIZES (the
@@ -36,6 +39,7 @@ STUDY=${STUDY:-runs/study}
 STEPS=${STEPS:-2000}
 DRY_RUN=${DRY_RUN:-0}
 SIZES=${SIZES:-S M L}
+GPU_SIZES=${GPU_SIZES:-L XL}
 T_SWEEP=${T_SWEEP:-8000 4000}
 T_LONG=${T_LONG:-8000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -43,11 +47,12 @@ RUNS="$STUDY/runs"
 DATA="$STUDY/corpus_text_document"
 TOKENIZER="$STUDY/tokenizer.model"
 
-size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M (4096-piece vocabulary)
+size_args() {  # non-embedding parameters: S 0.52M, M 4.2M, L 14.2M, XL 33.6M (4096-piece vocabulary)
     case "$1" in
         S) echo "--num-layers 2 --hidden-size 128 --ffn-hidden-size 512 --num-attention-heads 4 --num-query-groups 4" ;;
         M) echo "--num-layers 4 --hidden-size 256 --ffn-hidden-size 1024 --num-attention-heads 4 --num-query-groups 4" ;;
         L) echo "--num-layers 6 --hidden-size 384 --ffn-hidden-size 1536 --num-attention-heads 6 --num-query-groups 6" ;;
+        XL) echo "--num-layers 8 --hidden-size 512 --ffn-hidden-size 2048 --num-attention-heads 8 --num-query-groups 8" ;;
     esac
 }
 learning_rates() {  # the baseline sweep per size (larger models want lower rates)
@@ -110,7 +115,7 @@ best_of() {  # best_of PREFIX STEPS all|partial RATE...: the rate whose run PREF
     local prefix=$1 steps=$2 which=$3
     shift 3
     if [ "$DRY_RUN" = "1" ]; then
-        echo "$2"  # a placeholder (the second rate): the real value is chosen once the runs are done
+        echo "${2:-$1}"  # a placeholder (the second rate, or the only one): the real value is chosen once the runs are done
         return 0
     fi
     "$PYTHON" - "$RUNS" "$prefix" "$which" "$steps" "$@" <<'PY'
@@ -147,11 +152,11 @@ stage_corpus() {
     if [ "$DRY_RUN" = "1" ] || [ -f "$DATA.idx" ]; then return 0; fi
     mkdir -p "$STUDY"
     [ -f "$STUDY/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --output "$STUDY/corpus.jsonl" \
-        --max-bytes "${CORPUS_BYTES:-400000000}"
+        --max-bytes "${CORPUS_BYTES:-400000000}" ${CORPUS_SOURCES:+--sources "$CORPUS_SOURCES"}
     [ -f "$TOKENIZER" ] || "$PYTHON" tools/train_tokenizer.py --input "$STUDY/corpus.jsonl" \
-        --output-prefix "$STUDY/tokenizer" --vocab-size 4096 --max-bytes 20000000
+        --output-prefix "$STUDY/tokenizer" --vocab-size 4096 --max-bytes "${TOKENIZER_BYTES:-20000000}"
     "$PYTHON" tools/preprocess_data.py --input "$STUDY/corpus.jsonl" --output-prefix "$STUDY/corpus" \
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod --workers 2
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod --workers "${WORKERS:-2}"
 }
 
 stage_lr() {
@@ -261,6 +266,45 @@ report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  
     echo "[study] report: $STUDY/reports/$name/report.md"
 }
 
+gpu_rates() {  # the gpu stage's rates per size: the CPU study's best at L (5e-4, 2.5e-4 tied) and the two
+    # lowest of the L sweep one size up (larger models want lower rates)
+    case "$1" in L) echo "5e-4" ;; XL) echo "2.5e-4 5e-4" ;; esac
+}
+
+stage_gpu() {  # one size up, on one GPU: baselines and TST s=4 r=0.3 at L and XL, every rate of
+    # gpu_rates for both, all at once (steps this small leave the GPU idle between kernels), so TST at
+    # the best baseline rate exists without a second pass; each run's output in $STUDY/logs/NAME.log
+    local size lr name pids=() failed=0
+    mkdir -p "$STUDY/logs"
+    for size in $GPU_SIZES; do
+        for lr in $(gpu_rates "$size"); do
+            for name in "$size-base-lr$lr" "$size-tst-s4-r0.3-lr$lr"; do
+                local tst=()
+                [[ $name == *-tst-* ]] && tst=(--tst-bag-size 4 --tst-ratio 0.3)
+                if [ "$DRY_RUN" = "1" ]; then run "$name" "$size" "$lr" "$STEPS" ${tst[@]+"${tst[@]}"}; continue; fi
+                run "$name" "$size" "$lr" "$STEPS" ${tst[@]+"${tst[@]}"} > "$STUDY/logs/$name.log" 2>&1 &
+                pids+=($!)
+            done
+        done
+    done
+    for name in ${pids[@]+"${pids[@]}"}; do wait "$name" || failed=1; done
+    [ "$failed" = "0" ] || { echo "[study] gpu: a run failed or stopped early; see $STUDY/logs" >&2; return 1; }
+}
+
+stage_gpu_report() {  # the gpu stage's comparisons: each size at its best baseline rate, and the gap plot
+    local size lr triples=()
+    for size in $GPU_SIZES; do
+        lr=$(best_of "$size-base-lr" "$STEPS" partial $(gpu_rates "$size"))
+        report "gpu-size-$size" "$RUNS/$size-tst-s4-r0.3-lr$lr" --baseline "$RUNS/$size-base-lr$lr"
+        if [ -f "$RUNS/$size-base-lr$lr/metrics.jsonl" ] && [ -d "$RUNS/$size-tst-s4-r0.3-lr$lr" ]; then
+            triples+=("$size:$RUNS/$size-base-lr$lr:$RUNS/$size-tst-s4-r0.3-lr$lr")
+        fi
+    done
+    if [ "$DRY_RUN" != "1" ] && [ ${#triples[@]} -gt 0 ]; then
+        "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" "${triples[@]}"
+    fi
+}
+
 stage_report() {  # works on a partial study: what has not run yet is left out, and said so
     local size base lr run_name t triples=()
     for size in S M L; do
@@ -309,7 +353,8 @@ STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|steps|long|grid|crossover|report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, report)" >&2; exit 2 ;;
+        corpus|lr|size|steps|long|grid|crossover|report|gpu|gpu_report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, report, gpu, gpu_report)" >&2
+           exit 2 ;;
     esac
 done
