@@ -97,6 +97,29 @@ def _resolved(script, **env):
     return parse_args(rest)
 
 
+def test_study_gpu_stage_runs_baseline_and_tst_at_every_rate_of_l_and_xl():
+    """study.sh's gpu stage (examples/repro/gpu_size_up.sh on a GPU machine): valid launcher commands,
+    a baseline and TST s=4 r=0.3 at each rate of each size, XL one size above L."""
+    result = subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh"), "gpu", "gpu_report"],
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ["PATH"], "DRY_RUN": "1", "PYTHON": "python"})
+    assert result.returncode == 0, result.stderr
+    runs = {}
+    for line in result.stdout.splitlines():
+        argv = shlex.split(line)
+        if argv[1:3] == ["-m", "megatron_tst.launch"]:
+            config = parse_args(launcher_parser().parse_known_args(argv[3:])[1])
+            runs[os.path.basename(config.checkpoint.save)] = config
+    assert set(runs) == {"L-base-lr5e-4", "L-tst-s4-r0.3-lr5e-4", "XL-base-lr2.5e-4", "XL-tst-s4-r0.3-lr2.5e-4",
+                         "XL-base-lr5e-4", "XL-tst-s4-r0.3-lr5e-4"}
+    for name, config in runs.items():
+        assert (config.tst.tst_bag_size, config.tst.tst_ratio) == ((4, 0.3) if "-tst-" in name else (None, None))
+        assert config.training.lr == float(name.rsplit("-lr", 1)[1]) and config.training.train_iters == 2000
+    l, xl = runs["L-base-lr5e-4"].model.architecture(), runs["XL-base-lr5e-4"].model.architecture()
+    assert (l.num_layers, l.hidden_size, xl.num_layers, xl.hidden_size) == (6, 384, 8, 512)
+    assert sum("tools/tst_report.py" in line for line in result.stdout.splitlines()) == 2
+
+
 def test_paper_step_counts():
     long_270m = _resolved("pretrain_tst_270m_100k.sh")
     assert long_270m.training.train_iters == 100000 and long_270m.training.lr_wsd_decay_iters == 10000
@@ -143,7 +166,9 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 43
+    assert len(runs) == 45
+    # the crossover stage: M's pair at T_LONG, at M's rate
+    assert {runs[f"M-T8000-{kind}-lr5e-4"][1].training.train_iters for kind in ("base", "tst-s4-r0.3")} == {8000}
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
     assert {sizes[f"{size}-base-lr{lr}"].hidden_size for size, lr in (("S", "4e-3"), ("M", "2e-3"), ("L", "1e-3"))} \
         == {128, 256, 384}
