@@ -274,7 +274,7 @@ gpu_rates() {  # the gpu stage's rates per size: the CPU study's best at L (5e-4
 stage_gpu() {  # one size up, on one GPU: baselines and TST s=4 r=0.3 at L and XL, every rate of
     # gpu_rates for both, all at once (steps this small leave the GPU idle between kernels), so TST at
     # the best baseline rate exists without a second pass; each run's output in $STUDY/logs/NAME.log
-    local size lr name pids=() failed=0
+    local size lr name pid pids=() failed=0
     mkdir -p "$STUDY/logs"
     for size in $GPU_SIZES; do
         for lr in $(gpu_rates "$size"); do
@@ -287,7 +287,7 @@ stage_gpu() {  # one size up, on one GPU: baselines and TST s=4 r=0.3 at L and X
             done
         done
     done
-    for name in ${pids[@]+"${pids[@]}"}; do wait "$name" || failed=1; done
+    for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || failed=1; done
     [ "$failed" = "0" ] || { echo "[study] gpu: a run failed or stopped early; see $STUDY/logs" >&2; return 1; }
 }
 
