@@ -164,7 +164,10 @@ def _signal_proof_writer_queue() -> None:
     process it starts at the first save (multiprocessing Manager, spawn). A SIGTERM to the whole
     job (SLURM, Kubernetes, killpg) killed that helper, and the save the signal asked for then
     failed with a broken pipe. Serve megatron-core's queue from a helper that ignores the job's
-    signals and ends with this process instead; megatron-core takes the queue from its cache."""
+    signals and ends with this process instead; megatron-core takes the queue from its cache (the
+    one place outside the platform layer that sets megatron-core state: it has no option for this).
+    Called from the training loop's thread, which lives as long as the process (the parent-death
+    signal follows the thread that started the helper)."""
     global _writer_manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from megatron_tst import checkpointing
+from megatron_tst import checkpointing, orphan
 from megatron_tst.arguments import check_environment, parse_args
 from megatron_tst.conversion import tst_to_ntp
 
@@ -100,13 +100,7 @@ def _die_with_parent() -> None:
     """In the job's process, before it starts: SIGTERM when the launcher dies (Linux), so a job
     whose launcher was killed saves and stops instead of training on unattended (torchrun passes
     the SIGTERM to its workers; a single process takes it as a request to save and exit)."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        pass
+    orphan.signal_on_parent_death(signal.SIGTERM)
 
 
 def wait_for_conversion(phase2: str, marker: str, timeout_minutes: float) -> None:

@@ -29,17 +29,23 @@ def stop_when_orphaned(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
 
-def keep_helper_through_job_signals() -> None:
-    """In a helper process of a job (megatron-core's checkpoint-writer queue server): ignore the
-    SIGTERM / Ctrl-C that a scheduler sends to every process of the job (SLURM, Kubernetes, killpg),
-    which ask the job to save, a save that needs this helper alive; end with the parent instead
-    (Linux PR_SET_PDEATHSIG), so an abnormally ended job leaves no helper behind."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def signal_on_parent_death(signum: int) -> None:
+    """This process gets ``signum`` when the thread that started it ends (Linux PR_SET_PDEATHSIG);
+    elsewhere nothing happens."""
     try:
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum))
     except (OSError, AttributeError):  # not Linux: no parent-death signal
         pass
+
+
+def keep_helper_through_job_signals() -> None:
+    """In a helper process of a job (megatron-core's checkpoint-writer queue server): ignore the
+    SIGTERM / Ctrl-C that a scheduler sends to every process of the job (SLURM, Kubernetes, killpg),
+    which ask the job to save, a save that needs this helper alive; end with the parent instead, so
+    an abnormally ended job leaves no helper behind."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal_on_parent_death(signal.SIGKILL)
