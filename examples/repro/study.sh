@@ -67,7 +67,8 @@ finished() {  # finished RUN_DIR STEPS: the run's final checkpoint exists (basel
     return 1
 }
 
-run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
+run() {  # [TIED=1] [GLOBAL_BATCH=B] [WARMUP=N] run NAME SIZE LR STEPS [launcher or pretrain flags...]
+    # (WARMUP: the warm-up steps and the evaluation interval, default STEPS/20)
     local name=$1 size=$2 lr=$3 steps=$4 untie=(--untie-embeddings-and-output-weights)  # the paper's models
     shift 4
     if [ -n "${RUN_FILTER:-}" ] && ! [[ $name =~ $RUN_FILTER ]]; then return 0; fi  # another lane's run
@@ -77,12 +78,12 @@ run() {  # [TIED=1] run NAME SIZE LR STEPS [launcher or pretrain flags...]
         "$PYTHON" -m megatron_tst.launch --nproc-per-node 1
         --model-preset tiny $(size_args "$size") ${untie[@]+"${untie[@]}"}
         --seq-length 64 --max-position-embeddings 64
-        --micro-batch-size 16 --global-batch-size 16 --train-iters "$steps"
-        --lr "$lr" --min-lr 0 --lr-decay-style WSD --lr-warmup-iters $((STEPS / 20))
+        --micro-batch-size 16 --global-batch-size "${GLOBAL_BATCH:-16}" --train-iters "$steps"
+        --lr "$lr" --min-lr 0 --lr-decay-style WSD --lr-warmup-iters "${WARMUP:-$((STEPS / 20))}"
         --lr-wsd-decay-iters $((steps / 10)) --lr-wsd-decay-style linear
         --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
         --data-path "$DATA" --split 98,2,0 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER"
-        --log-interval 10 --eval-interval $((STEPS / 20)) --eval-iters 16
+        --log-interval 10 --eval-interval "${WARMUP:-$((STEPS / 20))}" --eval-iters 16
         --save "$RUNS/$name" --save-interval 250
         "$@"
     )
@@ -234,6 +235,40 @@ stage_crossover() {
     run "M-T$T_LONG-tst-s4-r0.3-lr$lr" M "$lr" "$T_LONG" --tst-bag-size 4 --tst-ratio 0.3
 }
 
+batch_rates() {  # the S baseline sweep at 4x the tokens per step (larger batches take larger rates)
+    echo "1e-3 2e-3 4e-3"
+}
+
+b64() {  # b64 NAME SIZE LR T [flags...]: run at global batch 64 in four micro-batches of 16 (the batch-16
+    # runs' validation samples), warm-up and evaluations every T/20 steps
+    GLOBAL_BATCH=64 WARMUP=${WARMUP:-$(($4 / 20))} run "$@"
+}
+
+stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (the tokens, and FLOPs, of batch 16
+    # at T=2000 and 8000): the baseline's lr tuned at each length (extended past an edge), TST s=4 r=0.3 at the
+    # best, and at T=2000 baselines of T/2 and 2T for the iso-loss ratio (baselines by length)
+    local t rate lr rates
+    run "S-base-lr1e-3" S 1e-3 "$STEPS"  # batch 16, T=2000 again: the corpus and runs reproduce the earlier study
+    for t in 500 2000; do
+        rates=$(batch_rates)
+        for rate in $rates; do
+            b64 "S-B64-T$t-base-lr$rate" S "$rate" "$t"
+        done
+        lr=$(best_of "S-B64-T$t-base-lr" "$t" all $rates)
+        local edge=""
+        [ "$lr" = "$(echo $rates | cut -d' ' -f1)" ] && edge=5e-4
+        [ "$lr" = "$(echo $rates | awk '{print $NF}')" ] && edge=8e-3
+        if [ -n "$edge" ] && [ "$DRY_RUN" != "1" ]; then  # the best rate at an edge: one more beyond it
+            b64 "S-B64-T$t-base-lr$edge" S "$edge" "$t"
+            lr=$(best_of "S-B64-T$t-base-lr" "$t" all $rates $edge)
+        fi
+        b64 "S-B64-T$t-tst-s4-r0.3-lr$lr" S "$lr" "$t" --tst-bag-size 4 --tst-ratio 0.3
+    done
+    for t in 1000 4000; do  # the length ladder at T=2000's rate and warm-up: the runs differ in length only
+        WARMUP=100 b64 "S-B64-T$t-base-lr$lr" S "$lr" "$t"
+    done
+}
+
 report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  (a partial study:
     # missing TST runs are left out; the length ladder is given when two or more of it have run)
     local name=$1 runs=() baseline="" missing=() ladder=() by_length=() run_dir
@@ -353,8 +388,8 @@ STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|steps|long|grid|crossover|report|gpu|gpu_report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, report, gpu, gpu_report)" >&2
+        corpus|lr|size|steps|long|grid|crossover|batch|report|gpu|gpu_report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, batch, report, gpu, gpu_report)" >&2
            exit 2 ;;
     esac
 done
