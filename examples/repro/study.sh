@@ -247,15 +247,15 @@ b64() {  # b64 NAME SIZE LR T [flags...]: run at global batch 64 in four micro-b
 stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (the tokens, and FLOPs, of batch 16
     # at T=2000 and 8000): the baseline's lr tuned at each length (extended past an edge), TST s=4 r=0.3 at the
     # best, and at T=2000 baselines of T/2 and 2T for the iso-loss ratio (baselines by length)
-    local t rate lr rates
+    local t rate lr rates edge
     run "S-base-lr1e-3" S 1e-3 "$STEPS"  # batch 16, T=2000 again: the corpus and runs reproduce the earlier study
     for t in 500 2000; do
-        rates=$(batch_rates)
+        rates=$(batch_rates) edge=""
         for rate in $rates; do
             b64 "S-B64-T$t-base-lr$rate" S "$rate" "$t"
         done
+        if [ -n "${RUN_FILTER:-}" ] && ! [[ "S-B64-T$t-tst-s4-r0.3-lr" =~ $RUN_FILTER ]]; then continue; fi  # another lane's
         lr=$(best_of "S-B64-T$t-base-lr" "$t" all $rates)
-        local edge=""
         [ "$lr" = "$(echo $rates | cut -d' ' -f1)" ] && edge=5e-4
         [ "$lr" = "$(echo $rates | awk '{print $NF}')" ] && edge=8e-3
         if [ -n "$edge" ] && [ "$DRY_RUN" != "1" ]; then  # the best rate at an edge: one more beyond it
@@ -264,6 +264,10 @@ stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (th
         fi
         b64 "S-B64-T$t-tst-s4-r0.3-lr$lr" S "$lr" "$t" --tst-bag-size 4 --tst-ratio 0.3
     done
+    if [ -n "${RUN_FILTER:-}" ] && ! [[ "S-B64-T1000-base-lr" =~ $RUN_FILTER || "S-B64-T4000-base-lr" =~ $RUN_FILTER ]]; then
+        return 0
+    fi
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $rates 8e-3)  # the edge runs where they ran
     for t in 1000 4000; do  # the length ladder at T=2000's rate and warm-up: the runs differ in length only
         WARMUP=100 b64 "S-B64-T$t-base-lr$lr" S "$lr" "$t"
     done
