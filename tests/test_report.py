@@ -211,3 +211,55 @@ def test_every_run_in_a_figure_gets_its_own_colour(count):
     colors = pytest.importorskip("matplotlib.colors")
     rgba = [colors.to_rgba(color) for color in tst_report.run_colors(count)]
     assert len(rgba) == count and len(set(rgba)) == count
+
+
+def _pair_runs(root, name, base_finals, tst_final, steps=20):
+    """A baseline (evaluations at 10 and ``steps``) and a TST run (switch at 5) with given final losses;
+    the mid-run gap at step 10 is 0.5."""
+    base, tst = os.path.join(root, f"{name}-base"), os.path.join(root, f"{name}-tst")
+    _write(os.path.join(base, "metrics.jsonl"), _steps([10, steps], "next-token", 100, lambda i: 1.0)
+           + [dict(iteration=10, phase="next-token", validation_loss=4.0),
+              dict(iteration=steps, phase="next-token", validation_loss=base_finals)])
+    _write(os.path.join(tst, "superposition", "metrics.jsonl"), _steps([5], "superposition", 100, lambda i: 1.0))
+    _write(os.path.join(tst, "recovery", "metrics.jsonl"), _steps([10, steps], "recovery", 100, lambda i: 1.0)
+           + [dict(iteration=10, phase="recovery", validation_loss=4.5),
+              dict(iteration=steps, phase="recovery", validation_loss=tst_final)])
+    return base, tst
+
+
+def test_seeds_report_mean_standard_error_and_per_seed_pairs(tmp_path, capsys):
+    # configuration A, three seeds: gaps -0.04, -0.02, +0.03 -> mean -0.01, sample sd sqrt(0.0013)
+    # (deviations -0.03, -0.01, +0.04), standard error sqrt(0.0013 / 3); baseline finals 3.0, 3.1, 3.2
+    seeds_a = [(3.0, 2.96), (3.1, 3.08), (3.2, 3.23)]
+    arguments = []
+    for index, (base_final, tst_final) in enumerate(seeds_a):
+        arguments += ["--pair", "A", *_pair_runs(str(tmp_path), f"a{index}", base_final, tst_final)]
+    arguments += ["--pair", "B", *_pair_runs(str(tmp_path), "b0", 3.0, 3.1)]
+    out = str(tmp_path / "out")
+    assert tst_report.main(arguments + ["--output", out]) == 0
+    markdown = open(os.path.join(out, "report.md")).read()
+    rows = {}  # the summary table comes first, then the per-seed rows
+    for line in markdown.splitlines():
+        if line.startswith("| A |") or line.startswith("| B |"):
+            rows.setdefault(line.split(" | ")[0][2:], line.split(" | "))
+    gap_error = (0.0013 / 3) ** 0.5
+    assert rows["A"][1:7] == ["3", "20", f"3.1000 ± {0.1 / 3 ** 0.5:.4f}", f"3.0900 ± {(0.0366 / 2 / 3) ** 0.5:.4f}",
+                              f"-0.0100 ± {gap_error:.4f}", "2 of 3 |"]
+    assert rows["B"][1:7] == ["1", "20", "3.0000 (one seed)", "3.1000 (one seed)", "+0.1000 (one seed)", "0 of 1 |"]
+    per_seed = [line.split(" | ") for line in markdown.splitlines() if line.startswith("| A | a")]
+    assert [row[-1] for row in per_seed] == ["-0.0400 |", "-0.0200 |", "+0.0300 |"]
+    mean, error = tst_report.mean_and_error([-0.04, -0.02, 0.03])
+    assert mean == pytest.approx(-0.01) and error == pytest.approx(gap_error)
+    pair = tst_report.make_pair("A", tst_report.load_run(str(tmp_path / "a0-base")), tst_report.load_run(str(tmp_path / "a0-tst")))
+    assert pair.gap_curve() == [(10, pytest.approx(0.5)), (20, pytest.approx(-0.04))]
+    if tst_report.plot_gaps([pair], str(tmp_path / "gap.png")):
+        assert os.path.getsize(os.path.join(out, "gap.png")) > 5_000
+
+    # bad pairs: the arms swapped, runs of different lengths
+    swapped = ["--pair", "A", str(tmp_path / "a0-tst"), str(tmp_path / "a0-base")]
+    short = ["--pair", "C", *_pair_runs(str(tmp_path), "c", 3.0, 3.1, steps=30)[:1], str(tmp_path / "a0-tst")]
+    for bad, message in ((swapped, "give the baseline first"), (short, "pair runs of the same length")):
+        capsys.readouterr()
+        assert tst_report.main(bad + ["--output", str(tmp_path / "bad")]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and message in error and "\n" not in error

@@ -3,6 +3,7 @@
 
     python tools/tst_report.py RUN_DIR... [--baseline RUN_DIR] [--baselines-by-length RUN_DIR...]
                                [--output DIR]
+    python tools/tst_report.py --pair CONFIG BASELINE_DIR TST_DIR [--pair ...] [--output DIR]
 
 A RUN_DIR is a launcher run's --save directory (its superposition/ and recovery/ metrics read as one
 run) or any directory holding a metrics.jsonl. Writes DIR/report.md (also printed) and, with
@@ -16,7 +17,12 @@ matplotlib (pip install -e ".[plots]"), DIR/report.png:
     lengths (each decayed at its own end: the paper's reading, and the fair one under WSD);
 (c) a figure: validation loss against step and against FLOPs for every run, the switch marked,
     and the phase-1 training loss on the KL scale (MCE minus its floor; a bag-prediction loss, not
-    comparable with next-token losses, shown for its shape).
+    comparable with next-token losses, shown for its shape);
+(d) with --pair (one seed of one configuration: its baseline and its TST run, trained from the same
+    seed; pairs that share CONFIG are that configuration's seeds): per configuration the mean and
+    standard error over seeds of each arm's final validation loss and of the paired gap (TST minus
+    baseline, seed by seed), the per-seed pairs, and DIR/gap.png: the gap against steps, one line per
+    configuration (the mean over its seeds, shaded one standard error either side).
 
 Wall-clock is the sum of the logged step times (evaluation, checkpoints and process start-up are
 not counted). Without --baseline, the one run without a superposition phase is the baseline.
@@ -325,16 +331,138 @@ def plot(runs: list[Run], path: str) -> bool:
     return True
 
 
+@dataclass
+class Pair:
+    """One seed of one configuration: a baseline and a TST run trained from the same seed."""
+    config: str
+    baseline: Run
+    tst: Run
+
+    def gap_curve(self) -> list[tuple[int, float]]:
+        """(step, TST minus baseline validation loss) at the TST run's evaluations the baseline spans."""
+        curve = []
+        for iteration, loss in self.tst.validations:
+            reference = validation_at(self.baseline, iteration)
+            if reference is not None:
+                curve.append((iteration, loss - reference))
+        return curve
+
+
+def make_pair(config: str, baseline: Run, tst: Run) -> Pair:
+    """A seed's pair, refused in one line when it cannot be compared."""
+    if baseline.is_tst or not tst.is_tst:
+        raise ReportError(f"--pair {config}: give the baseline first and the TST run second "
+                          f"({baseline.path} {'has' if baseline.is_tst else 'has no'} superposition phase, "
+                          f"{tst.path} {'has' if tst.is_tst else 'has no'} superposition phase)")
+    if baseline.final[0] != tst.final[0]:
+        raise ReportError(f"--pair {config}: {baseline.path} ends at step {baseline.final[0]} and {tst.path} at "
+                          f"{tst.final[0]}; pair runs of the same length (or let the shorter one finish)")
+    return Pair(config, baseline, tst)
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (sample standard deviation over sqrt(n); None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def _pm(mean: float, error: float | None, signed: bool = False) -> str:
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text + (f" ± {error:.4f}" if error is not None else " (one seed)")
+
+
+def by_config(pairs: list[Pair]) -> dict[str, list[Pair]]:
+    grouped: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair.config, []).append(pair)
+    return grouped
+
+
+def pairs_markdown(pairs: list[Pair], figure: str | None) -> list[str]:
+    lines = ["## (d) Seeds: mean ± standard error over seeds", "",
+             "Each pair is one seed: a baseline and a TST run from the same seed (initialisation, data order "
+             "and validation samples), so the gap is taken seed by seed and its standard error is that of the "
+             "per-seed gaps. Final next-token validation loss at each run's last step.", "",
+             "| configuration | seeds | steps | baseline | TST | gap (TST − baseline) | TST below baseline |",
+             "|---|---|---|---|---|---|---|"]
+    grouped = by_config(pairs)
+    for config, group in grouped.items():
+        base = mean_and_error([p.baseline.final[1] for p in group])
+        tst = mean_and_error([p.tst.final[1] for p in group])
+        gap = mean_and_error([p.tst.final[1] - p.baseline.final[1] for p in group])
+        steps = sorted({p.tst.final[0] for p in group})
+        wins = sum(p.tst.final[1] < p.baseline.final[1] for p in group)
+        lines.append(f"| {config} | {len(group)} | {', '.join(map(str, steps))} | {_pm(*base)} | {_pm(*tst)} | "
+                     f"{_pm(*gap, signed=True)} | {wins} of {len(group)} |")
+    lines += ["", "Per-seed pairs:", "", "| configuration | baseline run | TST run | baseline | TST | gap |",
+              "|---|---|---|---|---|---|"]
+    for config, group in grouped.items():
+        for p in group:
+            lines.append(f"| {config} | {p.baseline.name} | {p.tst.name} | {p.baseline.final[1]:.4f} | "
+                         f"{p.tst.final[1]:.4f} | {p.tst.final[1] - p.baseline.final[1]:+.4f} |")
+    if figure:
+        lines += ["", f"![gap against steps]({os.path.basename(figure)})", "",
+                  "The gap (TST minus baseline next-token validation loss) against steps: one line per "
+                  "configuration, the mean over its seeds at the evaluations every seed has, shaded one "
+                  "standard error either side; below zero TST is ahead."]
+    return lines
+
+
+def plot_gaps(pairs: list[Pair], path: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = by_config(pairs)
+    figure, axis = plt.subplots(figsize=(8, 4.8))
+    for (config, group), color in zip(grouped.items(), run_colors(len(grouped))):
+        curves = [dict(p.gap_curve()) for p in group]
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        stats = [mean_and_error([c[i] for c in curves]) for i in common]
+        means = [m for m, _ in stats]
+        axis.plot(common, means, "-o", color=color, markersize=3, label=f"{config} ({len(group)} seed"
+                  f"{'s' if len(group) > 1 else ''})")
+        if len(group) > 1:
+            axis.fill_between(common, [m - e for m, e in stats], [m + e for m, e in stats], color=color, alpha=0.2)
+        switches = {p.tst.switch_iter for p in group if p.tst.switch_iter}
+        for switch in switches:
+            axis.axvline(switch, color=color, linestyle=":", linewidth=1)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xlabel("step")
+    axis.set_ylabel("TST − baseline next-token validation loss")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("The gap against steps (mean over seeds ± 1 s.e.; dotted: the switch)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR")
+    parser.add_argument("--pair", nargs=3, action="append", default=[], metavar=("CONFIG", "BASELINE_DIR", "TST_DIR"),
+                        help="one seed of a configuration (repeat it: pairs sharing CONFIG are its seeds); adds "
+                             "section (d), mean ± standard error over seeds, and gap.png")
     parser.add_argument("--baseline", metavar="RUN_DIR", help="the baseline run (default: the one non-TST run)")
     parser.add_argument("--baselines-by-length", nargs="+", metavar="RUN_DIR", default=[],
                         help="baselines trained to different lengths (each decayed at its own end): adds "
                              "the iso-loss read from their final losses")
     parser.add_argument("--output", metavar="DIR", default="tst_report", help="where report.md/.png go")
     args = parser.parse_args(argv)
+    if not args.runs and not args.pair:
+        parser.error("give RUN_DIRs, or --pair CONFIG BASELINE_DIR TST_DIR")
     try:
+        pairs = [make_pair(config, load_run(base), load_run(tst)) for config, base, tst in args.pair]
+        if not args.runs:
+            return _pairs_report(pairs, args.output)
         paths = list(dict.fromkeys(os.path.normpath(p) for p in ([args.baseline] if args.baseline else []) + args.runs))
         names = [os.path.basename(p) for p in paths]
         runs = [load_run(p, p if names.count(os.path.basename(p)) > 1 else None) for p in paths]
@@ -353,10 +481,25 @@ def main(argv=None) -> int:
         print("note: no figure (matplotlib missing: pip install -e \".[plots]\")", file=sys.stderr)
         figure = None
     markdown = report_markdown(runs, baseline, figure, by_length)
+    if pairs:
+        gaps = os.path.join(args.output, "gap.png")
+        markdown += "\n" + "\n".join(pairs_markdown(pairs, gaps if plot_gaps(pairs, gaps) else None)) + "\n"
     with open(os.path.join(args.output, "report.md"), "w") as handle:
         handle.write(markdown)
     print(markdown, end="")
     print(f"written: {os.path.join(args.output, 'report.md')}" + (f", {figure}" if figure else ""))
+    return 0
+
+
+def _pairs_report(pairs: list[Pair], output: str) -> int:
+    """Section (d) alone: a report of paired seeds without the single-run sections."""
+    os.makedirs(output, exist_ok=True)
+    gaps = os.path.join(output, "gap.png")
+    markdown = "\n".join(["# TST report: seeds", ""] + pairs_markdown(pairs, gaps if plot_gaps(pairs, gaps) else None)) + "\n"
+    with open(os.path.join(output, "report.md"), "w") as handle:
+        handle.write(markdown)
+    print(markdown, end="")
+    print(f"written: {os.path.join(output, 'report.md')}")
     return 0
 
 

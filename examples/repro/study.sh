@@ -273,6 +273,70 @@ stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (th
     done
 }
 
+LONG_LR=${LONG_LR:-1e-3}  # S's rate at T=$T_LONG: the long stage's check picked it (BENCHMARKS.md); the stages
+# below use it directly so that they run in a study folder without the long stage's runs
+SEEDS=(1234 2345 3456 4567 5678)  # the first two are the long stage's runs (no suffix, and -seed2)
+
+seed_suffix() {  # seed_suffix INDEX: "" for the first seed, -seedN for the N-th
+    [ "$1" -eq 0 ] || echo "-seed$(($1 + 1))"
+}
+
+stage_seeds() {  # a confidence interval on the win: the winning pair (S, T=$T_LONG, s=4 r=0.3) at five seeds;
+    # with B64_SEEDS=1 also batch 64 at T=2000 (point 2 of issue 22, when TST wins there)
+    local i suffix lr
+    for i in "${!SEEDS[@]}"; do
+        suffix=$(seed_suffix "$i")
+        run "S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --seed "${SEEDS[$i]}"
+        run "S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --tst-bag-size 4 --tst-ratio 0.3 \
+            --seed "${SEEDS[$i]}"
+    done
+    [ "${B64_SEEDS:-0}" = "1" ] || return 0
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $(batch_rates) 8e-3)
+    for i in "${!SEEDS[@]}"; do
+        suffix=$(seed_suffix "$i")
+        b64 "S-B64-T2000-base-lr$lr$suffix" S "$lr" 2000 --seed "${SEEDS[$i]}"
+        b64 "S-B64-T2000-tst-s4-r0.3-lr$lr$suffix" S "$lr" 2000 --tst-bag-size 4 --tst-ratio 0.3 --seed "${SEEDS[$i]}"
+    done
+}
+
+stage_sr() {  # a rule for s and r where TST wins (S, T=$T_LONG): s in {2,3,4,6} x r in {0.2,0.3,0.4}, one seed
+    local s r
+    for s in 2 3 4 6; do
+        for r in 0.2 0.3 0.4; do
+            run "S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR" S "$LONG_LR" "$T_LONG" --tst-bag-size "$s" --tst-ratio "$r"
+        done
+    done
+}
+
+CORPUS2="$STUDY/linux"  # a second corpus of another kind: Linux kernel sources (C, build files, docs)
+
+stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece tokenizer, two seeds, and the
+    # baseline's rate rechecked there (the neighbours of $LONG_LR, first seed)
+    if [ "$DRY_RUN" != "1" ] && [ ! -f "$CORPUS2/corpus_text_document.idx" ]; then
+        mkdir -p "$CORPUS2"
+        [ -f "$CORPUS2/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --sources linux \
+            --output "$CORPUS2/corpus.jsonl" --max-bytes "${CORPUS2_BYTES:-120000000}"
+        [ -f "$CORPUS2/tokenizer.model" ] || "$PYTHON" tools/train_tokenizer.py --input "$CORPUS2/corpus.jsonl" \
+            --output-prefix "$CORPUS2/tokenizer" --vocab-size 4096 --max-bytes "${TOKENIZER_BYTES:-20000000}"
+        "$PYTHON" tools/preprocess_data.py --input "$CORPUS2/corpus.jsonl" --output-prefix "$CORPUS2/corpus" \
+            --tokenizer-type SentencePieceTokenizer --tokenizer-model "$CORPUS2/tokenizer.model" --append-eod \
+            --workers "${WORKERS:-2}"
+    fi
+    local i suffix rate
+    for rate in $(neighbours S "$LONG_LR"); do
+        DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
+            run "linux-S-T$T_LONG-base-lr$rate" S "$rate" "$T_LONG"
+    done
+    for i in 0 1; do
+        suffix=$(seed_suffix "$i")
+        DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
+            run "linux-S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --seed "${SEEDS[$i]}"
+        DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
+            run "linux-S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --tst-bag-size 4 \
+            --tst-ratio 0.3 --seed "${SEEDS[$i]}"
+    done
+}
+
 report() {  # report NAME RUN... --baseline RUN [--baselines-by-length RUN...]  (a partial study:
     # missing TST runs are left out; the length ladder is given when two or more of it have run)
     local name=$1 runs=() baseline="" missing=() ladder=() by_length=() run_dir
@@ -344,6 +408,55 @@ stage_gpu_report() {  # the gpu stage's comparisons: each size at its best basel
     fi
 }
 
+pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST...]: tst_report --pair, the pairs
+    # whose two runs have both run (seeds and configurations still running are left out, and named)
+    local name=$1 args=() missing=()
+    shift
+    while [ $# -ge 3 ]; do
+        if [ "$DRY_RUN" = "1" ] || { [ -f "$2/metrics.jsonl" ] && [ -f "$3/recovery/metrics.jsonl" ]; }; then
+            args+=(--pair "$1" "$2" "$3")
+        else
+            missing+=("$(basename "$3")")
+        fi
+        shift 3
+    done
+    if [ "$DRY_RUN" = "1" ]; then
+        echo "$PYTHON tools/tst_report.py ${args[*]} --output $STUDY/reports/$name"
+        return 0
+    fi
+    [ ${#args[@]} -gt 0 ] || { echo "[study] report $name: skipped (no pair has run yet)"; return 0; }
+    [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not run yet)"
+    "$PYTHON" tools/tst_report.py "${args[@]}" --output "$STUDY/reports/$name" > /dev/null
+    echo "[study] report: $STUDY/reports/$name/report.md"
+}
+
+report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid, the second corpus
+    local t lr i suffix pairs=() s r grid=()
+    for t in 500 2000; do
+        lr=$(best_of "S-B64-T$t-base-lr" "$t" partial 5e-4 $(batch_rates) 8e-3)
+        report "batch-S-B64-T$t" "$RUNS/S-B64-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-B64-T$t-base-lr$lr" \
+            --baselines-by-length "$RUNS/S-B64-T500-base-lr$lr" "$RUNS/S-B64-T1000-base-lr$lr" \
+            "$RUNS/S-B64-T2000-base-lr$lr" "$RUNS/S-B64-T4000-base-lr$lr"
+    done
+    for i in "${!SEEDS[@]}"; do
+        suffix=$(seed_suffix "$i")
+        pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
+    done
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $(batch_rates) 8e-3)
+    for i in "${!SEEDS[@]}"; do
+        suffix=$(seed_suffix "$i")
+        pairs+=("S b64 T=2000 s=4 r=0.3" "$RUNS/S-B64-T2000-base-lr$lr$suffix" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$lr$suffix")
+    done
+    for i in 0 1; do
+        suffix=$(seed_suffix "$i")
+        pairs+=("linux S b16 T=$T_LONG s=4 r=0.3" "$RUNS/linux-S-T$T_LONG-base-lr$LONG_LR$suffix"
+                "$RUNS/linux-S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
+    done
+    pairs_report "seeds" "${pairs[@]}"
+    for s in 2 3 4 6; do for r in 0.2 0.3 0.4; do grid+=("$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR"); done; done
+    report "sr-S-T$T_LONG" "${grid[@]}" --baseline "$RUNS/S-T$T_LONG-base-lr$LONG_LR"
+}
+
 stage_report() {  # works on a partial study: what has not run yet is left out, and said so
     local size base lr run_name t triples=()
     for size in S M L; do
@@ -386,14 +499,15 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
     elif [ ${#triples[@]} -gt 0 ]; then
         "$PYTHON" examples/repro/gap_vs_size.py "$STUDY" "${triples[@]}"
     fi
+    report_part2
 }
 
 STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        corpus|lr|size|steps|long|grid|crossover|batch|report|gpu|gpu_report) "stage_$stage" ;;
-        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, batch, report, gpu, gpu_report)" >&2
+        corpus|lr|size|steps|long|grid|crossover|batch|seeds|sr|corpus2|report|gpu|gpu_report) "stage_$stage" ;;
+        *) echo "error: unknown stage $stage (corpus, lr, size, steps, long, grid, crossover, batch, seeds, sr, corpus2, report, gpu, gpu_report)" >&2
            exit 2 ;;
     esac
 done
