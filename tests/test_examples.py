@@ -166,7 +166,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 45
+    assert len(runs) == 77
     # the crossover stage: M's pair at T_LONG, at M's rate
     assert {runs[f"M-T8000-{kind}-lr5e-4"][1].training.train_iters for kind in ("base", "tst-s4-r0.3")} == {8000}
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
@@ -182,9 +182,10 @@ def test_study_driver_resolves_every_run_to_valid_flags():
             for kind in ("base", "tst-s4-r0.3")} == {4000, 8000}
     long = {n: c for n, (_, c) in runs.items() if n.startswith("S-T8000-")}  # the long stage at S
     assert {n: c.training.lr for n, c in long.items() if "-base-" in n} == {"S-T8000-base-lr5e-4": 5e-4,
-        "S-T8000-base-lr1e-3": 1e-3, "S-T8000-base-lr2e-3": 2e-3, "S-T8000-base-lr1e-3-seed2": 1e-3}
+        "S-T8000-base-lr1e-3": 1e-3, "S-T8000-base-lr2e-3": 2e-3,
+        **{f"S-T8000-base-lr1e-3-seed{n}": 1e-3 for n in range(2, 6)}}
     assert {(c.tst.tst_mode, c.tst.tst_bag_size) for n, c in long.items() if "-base-" not in n} == \
-        {("full", 4), ("input-only", 4), ("output-only", 4), ("full", 2), ("full", 8)}
+        {("full", 4), ("input-only", 4), ("output-only", 4), ("full", 2), ("full", 3), ("full", 6), ("full", 8)}
     assert runs["S-T8000-reinit-s4-r0.3-lr1e-3"][0].reinit_embeddings_at_switch
     assert all(c.training.train_iters == 8000 for c in long.values())
     assert runs["S-T16000-base-lr1e-3"][1].training.train_iters == 16000
@@ -195,6 +196,23 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert sizes["M-base-lr2e-3"].untie_embeddings_and_output_weights
     for name, (_, config) in runs.items():  # warm-up well before the earliest switch (r=0.2)
         assert config.training.lr_warmup_iters * 4 <= 0.2 * 2000 and config.data.allow_data_repetition is False
+    # issue 22: batch 64 at T=500 and 2000 (the tokens of batch 16 at 2000 and 8000), rates tuned per length
+    batch = {n: c for n, (_, c) in runs.items() if n.startswith("S-B64-")}
+    assert {c.training.global_batch_size for c in batch.values()} == {64}
+    assert {(c.training.train_iters, c.training.lr) for n, c in batch.items() if "-base-" in n} == \
+        {(t, lr) for t in (500, 2000) for lr in (1e-3, 2e-3, 4e-3)} | {(1000, 2e-3), (4000, 2e-3)}
+    assert {c.training.train_iters for n, c in batch.items() if "-tst-" in n} == {500, 2000}
+    assert batch["S-B64-T500-base-lr1e-3"].training.lr_warmup_iters == 25
+    assert {runs[f"S-T8000-{kind}-lr1e-3{suffix}"][1].training.seed for kind in ("base", "tst-s4-r0.3")
+            for suffix in ("", "-seed2", "-seed3", "-seed4", "-seed5")} == {1234, 2345, 3456, 4567, 5678}
+    grid = {(c.tst.tst_bag_size, c.tst.tst_ratio) for n, (_, c) in runs.items()
+            if n.startswith("S-T8000-tst-") and "-seed" not in n}
+    assert grid == {(s, r) for s in (2, 3, 4, 6) for r in (0.2, 0.3, 0.4)} | {(8, 0.3)}
+    linux = {n: c for n, (_, c) in runs.items() if n.startswith("linux-")}
+    assert len(linux) == 6 and all("/linux/" in c.data.data_path[0] and "/linux/" in c.data.tokenizer_model
+                                   for c in linux.values())
+    seeds = next(shlex.split(line) for line in reports if "reports/seeds" in line)
+    assert seeds.count("--pair") == 12  # 5 seeds at batch 16, 5 at batch 64, 2 on the second corpus
     reported = " ".join(reports)
     iso_s = next(shlex.split(line) for line in reports if "reports/iso-loss-S-T8000" in line)
     ladder = iso_s[iso_s.index("--baselines-by-length") + 1:iso_s.index("--output")]

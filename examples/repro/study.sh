@@ -267,7 +267,7 @@ stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (th
     if [ -n "${RUN_FILTER:-}" ] && ! [[ "S-B64-T1000-base-lr" =~ $RUN_FILTER || "S-B64-T4000-base-lr" =~ $RUN_FILTER ]]; then
         return 0
     fi
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $rates 8e-3)  # the edge runs where they ran
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $rates 5e-4 8e-3)  # the edge runs where they ran
     for t in 1000 4000; do  # the length ladder at T=2000's rate and warm-up: the runs differ in length only
         WARMUP=100 b64 "S-B64-T$t-base-lr$lr" S "$lr" "$t"
     done
@@ -281,21 +281,25 @@ seed_suffix() {  # seed_suffix INDEX: "" for the first seed, -seedN for the N-th
     [ "$1" -eq 0 ] || echo "-seed$(($1 + 1))"
 }
 
+seed_args() {  # seed_args INDEX: nothing for the first seed (run's default, so a run keeps one command), else --seed
+    [ "$1" -eq 0 ] || echo "--seed ${SEEDS[$1]}"
+}
+
 stage_seeds() {  # a confidence interval on the win: the winning pair (S, T=$T_LONG, s=4 r=0.3) at five seeds;
     # with B64_SEEDS=1 also batch 64 at T=2000 (point 2 of issue 22, when TST wins there)
     local i suffix lr
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
-        run "S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --seed "${SEEDS[$i]}"
+        run "S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" $(seed_args "$i")
         run "S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --tst-bag-size 4 --tst-ratio 0.3 \
-            --seed "${SEEDS[$i]}"
+            $(seed_args "$i")
     done
     [ "${B64_SEEDS:-0}" = "1" ] || return 0
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $(batch_rates) 8e-3)
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
-        b64 "S-B64-T2000-base-lr$lr$suffix" S "$lr" 2000 --seed "${SEEDS[$i]}"
-        b64 "S-B64-T2000-tst-s4-r0.3-lr$lr$suffix" S "$lr" 2000 --tst-bag-size 4 --tst-ratio 0.3 --seed "${SEEDS[$i]}"
+        b64 "S-B64-T2000-base-lr$lr$suffix" S "$lr" 2000 $(seed_args "$i")
+        b64 "S-B64-T2000-tst-s4-r0.3-lr$lr$suffix" S "$lr" 2000 --tst-bag-size 4 --tst-ratio 0.3 $(seed_args "$i")
     done
 }
 
@@ -330,10 +334,10 @@ stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece t
     for i in 0 1; do
         suffix=$(seed_suffix "$i")
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
-            run "linux-S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --seed "${SEEDS[$i]}"
+            run "linux-S-T$T_LONG-base-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" $(seed_args "$i")
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
             run "linux-S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix" S "$LONG_LR" "$T_LONG" --tst-bag-size 4 \
-            --tst-ratio 0.3 --seed "${SEEDS[$i]}"
+            --tst-ratio 0.3 $(seed_args "$i")
     done
 }
 
@@ -421,7 +425,8 @@ pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST..
         shift 3
     done
     if [ "$DRY_RUN" = "1" ]; then
-        echo "$PYTHON tools/tst_report.py ${args[*]} --output $STUDY/reports/$name"
+        printf '%q ' "$PYTHON" tools/tst_report.py "${args[@]}" --output "$STUDY/reports/$name"
+        echo
         return 0
     fi
     [ ${#args[@]} -gt 0 ] || { echo "[study] report $name: skipped (no pair has run yet)"; return 0; }
@@ -433,7 +438,7 @@ pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST..
 report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid, the second corpus
     local t lr i suffix pairs=() s r grid=()
     for t in 500 2000; do
-        lr=$(best_of "S-B64-T$t-base-lr" "$t" partial 5e-4 $(batch_rates) 8e-3)
+        lr=$(best_of "S-B64-T$t-base-lr" "$t" partial $(batch_rates) 5e-4 8e-3)
         report "batch-S-B64-T$t" "$RUNS/S-B64-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-B64-T$t-base-lr$lr" \
             --baselines-by-length "$RUNS/S-B64-T500-base-lr$lr" "$RUNS/S-B64-T1000-base-lr$lr" \
             "$RUNS/S-B64-T2000-base-lr$lr" "$RUNS/S-B64-T4000-base-lr$lr"
@@ -442,7 +447,7 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
         suffix=$(seed_suffix "$i")
         pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
     done
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial 5e-4 $(batch_rates) 8e-3)
+    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
         pairs+=("S b64 T=2000 s=4 r=0.3" "$RUNS/S-B64-T2000-base-lr$lr$suffix" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$lr$suffix")
@@ -503,7 +508,7 @@ stage_report() {  # works on a partial study: what has not run yet is left out, 
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover report)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus lr size steps long grid crossover batch seeds sr corpus2 report)
 for stage in "${STAGES[@]}"; do
     case "$stage" in
         corpus|lr|size|steps|long|grid|crossover|batch|seeds|sr|corpus2|report|gpu|gpu_report) "stage_$stage" ;;
