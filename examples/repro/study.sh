@@ -248,7 +248,9 @@ stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (th
     # at T=2000 and 8000): the baseline's lr tuned at each length (extended past an edge), TST s=4 r=0.3 at the
     # best, and at T=2000 baselines of T/2 and 2T for the iso-loss ratio (baselines by length)
     local t rate lr rates edge
-    run "S-base-lr1e-3" S 1e-3 "$STEPS"  # batch 16, T=2000 again: the corpus and runs reproduce the earlier study
+    # batch 16 at T=2000 again (S's rate): the batch-16 side of the comparison with today's code
+    run "S-base-lr1e-3" S 1e-3 "$STEPS"
+    run "S-tst-s4-r0.3-lr1e-3" S 1e-3 "$STEPS" --tst-bag-size 4 --tst-ratio 0.3
     for t in 500 2000; do
         rates=$(batch_rates) edge=""
         for rate in $rates; do
