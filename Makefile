@@ -12,11 +12,14 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install quickstart test test-fast
+.PHONY: install quickstart test test-fast demo
 install: $(VENV)/.installed
 
 quickstart: install
 	PYTHON=$(abspath $(PY)) bash examples/quickstart.sh
+
+demo: install
+	PYTHON=$(abspath $(PY)) bash examples/demo.sh
 
 test: install
 	$(PY) -m pytest -q --durations=20  # the slowest, to keep the 2-core run under 25 minutes

@@ -1,9 +1,11 @@
 """The launch recipes: valid bash, required variables checked, and every flag they resolve to is one
 our launcher and pretrain parser accept (so a renamed flag breaks this test, not a cluster job)."""
 
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -235,3 +237,28 @@ def test_presets_keep_their_shape_through_the_command_line():
     shaped = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
               "--vocab-size", "512", "--seq-length", "64"]
     assert not parse_args(shaped).model.architecture().untie_embeddings_and_output_weights  # Megatron-LM's default
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end_in_a_tiny_configuration(tmp_path):
+    """examples/demo.sh (make demo) at a tiny size: corpus, tokenizer, both runs through the launcher, the
+    report with its figure, and the closing line with the gap and the iso-loss ratio, read back from the
+    runs' own metrics."""
+    work = str(tmp_path / "demo")
+    env = dict(os.environ, PYTHON=sys.executable, STEPS="40", BATCH="16", WARMUP="4", EVAL_INTERVAL="10", BAG="4",
+               RATIO="0.25", SEQ="16", VOCAB="512", CORPUS_SOURCES="stdlib", CORPUS_BYTES="3000000",
+               SHAPE="--num-layers 1 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 2 --num-query-groups 2")
+    result = subprocess.run(["bash", os.path.join(EXAMPLES, "demo.sh"), work], capture_output=True, text=True,
+                            env=env, timeout=560)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    closing = result.stdout.strip().splitlines()[-1]
+    finals = {}
+    for run, path in (("baseline", os.path.join(work, "baseline")), ("tst", os.path.join(work, "tst", "recovery"))):
+        rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+        finals[run] = [r for r in rows if "validation_loss" in r][-1]
+        assert finals[run]["iteration"] == 40
+    base, tst = finals["baseline"]["validation_loss"], finals["tst"]["validation_loss"]
+    assert f"{tst:.4f} vs {base:.4f} after 40 steps, a gap of {tst - base:+.4f}" in closing
+    assert ("ends below" in closing) == (tst < base) and "iso-loss ratio" in closing
+    assert os.path.getsize(os.path.join(work, "report", "report.png")) > 10_000
