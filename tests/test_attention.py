@@ -153,3 +153,44 @@ def test_tensor_parallel_2_sdpa_equals_local_model():
                 # fp32 rounding relative to the tensor's largest gradient (a wrong head split is O(1))
                 torch.testing.assert_close(result["flash"]["grads"][name], grad, rtol=0,
                                            atol=2e-6 * grad.abs().max().item(), msg=f"{groups} groups: {name}")
+
+
+def _runs_worker(rank, world_size, runs):
+    """Several single-rank training runs one after another in one process (one start-up)."""
+    from megatron_tst.pretrain import pretrain
+
+    results = []
+    for argv in runs:
+        clear_te_attention_variables()
+        results.append(pretrain(parse_args(argv)))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sdpa_and_local_train_alike_and_share_checkpoints(corpus, tmp_path):
+    """20 steps (TST phase 1 to step 5, then recovery) of tiny GPT and tiny MoE from the same seed:
+    the losses of the two attentions agree to 1e-5, and a run saved at step 10 with SDPA continues
+    with megatron-core's attention as if it had not stopped."""
+    from tests.test_pretrain import args, records
+
+    moe = ["--model-preset", "tiny-moe", "--qk-layernorm", "--untie-embeddings-and-output-weights"]
+    runs, dirs = [], {}
+    for model, extra in (("gpt", []), ("moe", moe)):
+        for backend in ("flash", "local"):
+            dirs[model, backend] = str(tmp_path / f"{model}-{backend}")
+            runs.append(args(corpus, dirs[model, backend], *extra, "--attention-backend", backend, iters=20))
+    mixed = str(tmp_path / "gpt-mixed")
+    runs.append(args(corpus, mixed, "--attention-backend", "flash", "--exit-interval", "10", iters=20))
+    runs.append(args(corpus, mixed, "--attention-backend", "local", iters=20))
+    run_distributed(_runs_worker, 1, runs, timeout=540)
+
+    for model in ("gpt", "moe"):
+        flash, local = (records(dirs[model, b])[0] for b in ("flash", "local"))
+        assert [r["phase"] for r in flash] == ["superposition"] * 5 + ["recovery"] * 15
+        assert flash[-1]["loss"] < flash[5]["loss"]  # it learns
+        assert [r["loss"] for r in flash] == pytest.approx([r["loss"] for r in local], abs=1e-5, rel=0), model
+    resumed = records(mixed)[0]
+    assert [r["iteration"] for r in resumed] == list(range(1, 21))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in records(dirs["gpt", "flash"])[0]],
+                                                         abs=1e-5, rel=0)
