@@ -39,6 +39,7 @@ from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import build_gpt_model, padded_vocab_size, transformer_config
+from megatron_tst.optimizer import ForeachNormChainedOptimizer, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
 
@@ -103,15 +104,28 @@ def expert_weights_in_expert_optimizer(chunk):
             param.allreduce = False
 
 
-def build_optimizer(config: PretrainConfig, chunks, model_config):
+def megatron_optimizer(config: PretrainConfig, chunks, model_config):
+    """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
-    scheduler = OptimizerParamScheduler(
+
+
+def build_optimizer(config: PretrainConfig, chunks, model_config):
+    training = config.training
+    # torch's fused AdamW and a one-read gradient norm where TE/Apex are absent (megatron_tst/optimizer.py)
+    optimizer = ForeachNormChainedOptimizer.wrap(megatron_optimizer(config, chunks, model_config))
+    use_fused_adamw(optimizer)
+    return optimizer, build_scheduler(config, optimizer)
+
+
+def build_scheduler(config: PretrainConfig, optimizer):
+    training = config.training
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=training.lr, min_lr=training.min_lr,
         lr_warmup_steps=training.lr_warmup_iters,
         lr_decay_steps=training.lr_decay_iters or training.train_iters,
@@ -120,7 +134,6 @@ def build_optimizer(config: PretrainConfig, chunks, model_config):
         wd_incr_steps=training.train_iters, wd_incr_style="constant",
         wsd_decay_steps=wsd_decay_iters(training), lr_wsd_decay_style=training.lr_wsd_decay_style,
     )
-    return optimizer, scheduler
 
 
 def one_or_list(functions: list):
