@@ -70,6 +70,10 @@ class ModelOptions:
     attention_backend: str = _help("auto, flash, fused, unfused or local. auto: Transformer Engine's attention "
                                    "where it is used, else flash; flash without TE: torch's fused SDPA kernels; "
                                    "local/unfused without TE: megatron-core's DotProductAttention", default="auto")
+    cross_entropy_loss_fusion: bool = _help("megatron-core's fused vocab-parallel cross-entropy for next-token "
+                                            "steps (torch.compile; TST phase 1 keeps its own MCE)", default=False)
+    cross_entropy_fusion_impl: str = _help("native (megatron-core's torch.compile kernel) or te (Transformer "
+                                           "Engine's)", default="native")
 
     def architecture(self) -> GPTArchitecture:
         base = preset(self.model_preset) if self.model_preset else None
@@ -330,8 +334,24 @@ def check_environment(config: PretrainConfig) -> None:
     check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
 
 
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
+
+
+def torch_fusion_settings(config: PretrainConfig) -> dict:
+    """TransformerConfig fields for megatron-core's fusions that need no Transformer Engine, with
+    Megatron-LM's flags. Without TE the SwiGLU and RoPE fusions stay off (``fusion_settings``):
+    megatron-core's RoPE fusion is TE's kernel, and its compiled SwiGLU is not measured on a GPU here."""
+    model = config.model
+    return dict(cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
+                cross_entropy_fusion_impl=model.cross_entropy_fusion_impl)
+
+
 def check_attention_backend(config: PretrainConfig) -> None:
-    """--attention-backend against the layer implementation this machine uses (one line, naming the fix)."""
+    """--attention-backend and --cross-entropy-fusion-impl against the layer implementation this
+    machine uses (one line, naming the fix)."""
+    if config.model.cross_entropy_fusion_impl == "te" and not transformer_engine_available():
+        raise ValueError("--cross-entropy-fusion-impl te needs Transformer Engine, which is not installed; "
+                         "use --cross-entropy-fusion-impl native")
     backend = config.model.attention_backend
     if core_attention_kind(backend, resolved_transformer_impl(config.model)) == "sdpa":
         reason = unsupported_reason(context_parallel_size=config.parallel.context_parallel_size)
@@ -349,6 +369,9 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError(f"--fp8-format {model.fp8_format} is not one of {', '.join(FP8_FORMATS)}")
     if model.attention_backend not in BACKENDS:
         raise ValueError(f"--attention-backend {model.attention_backend} is not one of {', '.join(BACKENDS)}")
+    if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
+        raise ValueError(f"--cross-entropy-fusion-impl {model.cross_entropy_fusion_impl} is not one of "
+                         f"{', '.join(CROSS_ENTROPY_FUSION_IMPLS)}")
     if model.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"--fp8-recipe {model.fp8_recipe} is not one of {', '.join(FP8_RECIPES)}")
     if par.overlap_grad_reduce and par.no_overlap_grad_reduce:

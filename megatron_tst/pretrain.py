@@ -33,7 +33,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 from megatron_tst import checkpointing, device, orphan, parallel, preflight
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, overlap_settings, parse_args, resolved_transformer_impl,
-    wsd_decay_iters,
+    torch_fusion_settings, wsd_decay_iters,
 )
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
@@ -64,7 +64,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
-        **fusion_settings(config),
+        **fusion_settings(config), **torch_fusion_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
