@@ -64,7 +64,8 @@ def peak_tflops(given: float | None) -> float | None:
 def step_config(args, bag_size: int | None):
     from megatron_tst.arguments import parse_args
 
-    argv = ["--model-preset", args.preset, "--seq-length", str(args.seq_length),
+    shape = ["--model-preset", args.preset] if args.preset else []
+    argv = shape + list(getattr(args, "model_flags", [])) + ["--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.micro_batch_size * args.micro_batches),
             "--train-iters", "100000", "--lr", "1e-4", "--tokenizer-type", "NullTokenizer",
