@@ -19,11 +19,12 @@ import contextlib
 import copy
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -117,6 +118,11 @@ class SDPAttention(MegatronModule):
             mask, causal = ~attention_mask, False
         dropout = self.dropout_p if self.training else 0.0
         gqa = q.size(1) != k.size(1)
+        if gqa and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+            # fp32 on CUDA: only the memory-efficient kernel runs it, and it does not take grouped
+            # K/V; repeat them (what DotProductAttention always does) rather than fail
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+            gqa = False
         with self._kernels(q.is_cuda), self._rng(dropout):
             try:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
