@@ -4,7 +4,6 @@ the same updates and norms over several clipped steps, dense (one inner optimize
 dense and an expert optimizer), and still fused after a state load. The CUDA-only part (fused
 after a real save and resume, no host read per tensor) is in tests/test_gpu.py."""
 
-import dataclasses
 
 import pytest
 import torch
