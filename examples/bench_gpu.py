@@ -10,7 +10,11 @@ schedule; host batches copied to the GPU by ``device.batch_to_device``):
 Step time is the median over --steps timed steps after --warmup, the three models interleaved
 round by round (each kept built), ratios also per round. MFU = model FLOPs (``metrics``
 accounting: 3 x forward) / step time / peak bf16 FLOP/s (--peak-tflops, or the device's dense
-bf16 figure when known: H100/H200 SXM 989).
+bf16 figure when known: H100/H200 SXM 989). Peak memory per model is measured apart: each model
+built alone (the others freed), peak statistics reset, two steps (torch.cuda.max_memory_allocated).
+Micro-batch layouts (--layouts, default 4x2 and 8x1: the same global batch) time the GPTModel step
+each way. --profile prints the top kernels by device time (CPU ops on a CPU) of one GPTModel step
+and one TST phase-1 step (torch.profiler), to show where a step goes.
 
 Losses (V=128256 by default, N latent positions, bf16 logits, forward + backward, medians):
   mce-s{s}        fused_vocab_parallel_mce with s targets per position, s in --bag-sizes
@@ -20,6 +24,7 @@ Peak memory from torch.cuda.max_memory_allocated on top of the inputs.
 
   python examples/bench_gpu.py --output bench_gpu.json
   python examples/bench_gpu.py --quick          # tiny shapes: checks the script, on CPU too
+  python examples/bench_gpu.py --profile --steps 5 --bag-sizes 6   # where the time goes
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ def peak_tflops(given: float | None) -> float | None:
 def step_config(args, bag_size: int | None):
     from megatron_tst.arguments import parse_args
 
-    argv = ["--model-preset", args.preset, "--seq-length", str(args.seq_length),
+    shape = ["--model-preset", args.preset] if args.preset else []
+    argv = shape + list(getattr(args, "model_flags", [])) + ["--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.micro_batch_size * args.micro_batches),
-            "--train-iters", "100000", "--lr", "1e-4", "--tokenizer-type", "NullTokenizer"]
+            "--train-iters", "100000", "--lr", "1e-4", "--tokenizer-type", "NullTokenizer",
+            "--attention-backend", args.attention_backend]
     if args.bf16:
         argv.append("--bf16")
     if bag_size:
@@ -125,11 +132,75 @@ class Trainer:
         return loss
 
 
+def step_specs(args):
+    return [("gptmodel", None, False), ("tst-ntp", None, True), (f"tst-s{args.bag_size}", args.bag_size, True)]
+
+
+def free_memory():
+    gc.collect()
+    if device.cuda():
+        torch.cuda.empty_cache()
+
+
+def peak_memory(args) -> dict:
+    """Each step's peak memory with only its own model alive (GiB; None on a CPU)."""
+    if not device.cuda():
+        return {}
+    peaks = {}
+    for name, bag, tst in step_specs(args):
+        free_memory()
+        torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(args, name, bag, tst)
+        for _ in range(2):
+            trainer.step(record=False)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+        del trainer
+    free_memory()
+    return peaks
+
+
+def bench_layouts(args) -> list[dict]:
+    """The GPTModel step at each micro-batch layout (micro-batch size x micro-batches) of --layouts."""
+    trainers = []
+    for layout in args.layouts:
+        size, count = (int(x) for x in layout.split("x"))
+        trainers.append((layout, Trainer(argparse.Namespace(**{**vars(args), "micro_batch_size": size,
+                                                               "micro_batches": count}), "gptmodel", None, False)))
+    for round_index in range(args.warmup + args.steps):
+        for _, trainer in trainers:
+            trainer.step(record=round_index >= args.warmup)
+    first = statistics.median(trainers[0][1].times)
+    rows = [dict(layout=layout, samples=int(layout.split("x")[0]) * int(layout.split("x")[1]),
+                 median_ms=1e3 * statistics.median(t.times), vs_first=statistics.median(t.times) / first)
+            for layout, t in trainers]
+    del trainers
+    free_memory()
+    return rows
+
+
+def profile_steps(args, top: int) -> dict:
+    """torch.profiler over one GPTModel step and one TST phase-1 step (after a warm-up step each):
+    the top operators/kernels by device time (self CPU time on a CPU), as printable tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.cuda() else [])
+    sort = "self_device_time_total" if device.cuda() else "self_cpu_time_total"
+    tables = {}
+    for name, bag, tst in (step_specs(args)[0], step_specs(args)[2]):
+        trainer = Trainer(args, name, bag, tst)
+        trainer.step(record=False)
+        with profile(activities=activities) as prof:
+            trainer.step(record=False)
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=top)
+        del trainer
+        free_memory()
+    return tables
+
+
 def bench_steps(args) -> list[dict]:
     from megatron_tst.metrics import model_flops_per_position
 
-    specs = [("gptmodel", None, False), ("tst-ntp", None, True), (f"tst-s{args.bag_size}", args.bag_size, True)]
-    trainers = [Trainer(args, name, bag, tst) for name, bag, tst in specs]
+    trainers = [Trainer(args, name, bag, tst) for name, bag, tst in step_specs(args)]
     for round_index in range(args.warmup + args.steps):
         for trainer in trainers:
             trainer.step(record=round_index >= args.warmup)
@@ -145,10 +216,12 @@ def bench_steps(args) -> list[dict]:
         rows.append(dict(step=trainer.name, median_ms=1e3 * median, min_ms=1e3 * min(trainer.times),
                          vs_gptmodel_medians=median / statistics.median(base.times), vs_gptmodel_per_round=per_round,
                          latent_positions_per_s=positions / median, raw_tokens_per_s=raw_tokens / median,
-                         mfu=(flops / median / (peak * 1e12)) if peak else None,
-                         peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30) if device.cuda() else None))
+                         mfu=(flops / median / (peak * 1e12)) if peak else None))
     del trainers
-    gc.collect()
+    free_memory()
+    peaks = peak_memory(args)
+    for row in rows:
+        row["peak_memory_gib"] = peaks.get(row["step"])
     return rows
 
 
@@ -222,6 +295,12 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-repeats", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the device")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--attention-backend", default="auto", help="as megatron_tst.pretrain's flag")
+    parser.add_argument("--layouts", nargs="*", default=["4x2", "8x1"],
+                        help="micro-batch size x micro-batches of the GPTModel step to compare (none: skip)")
+    parser.add_argument("--profile", action="store_true", help="also print the top kernels of one baseline "
+                        "and one TST step (torch.profiler)")
+    parser.add_argument("--profile-top", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, to check the script (CPU too)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -229,6 +308,7 @@ def main(argv=None) -> int:
         args.preset, args.seq_length, args.micro_batch_size, args.micro_batches = "tiny", 64, 2, 2
         args.steps, args.warmup, args.vocab, args.loss_positions, args.loss_repeats = 2, 1, 1000, 64, 2
         args.bf16 = device.cuda()
+        args.layouts = [layout for layout in ("2x2", "4x1") if args.layouts]
     if not device.cuda() and not args.quick:
         print("error: examples/bench_gpu.py measures a CUDA GPU and none is visible; run it on a GPU machine "
               "(tools/gpu_check.sh), or pass --quick to check the script here", file=sys.stderr)
@@ -236,17 +316,31 @@ def main(argv=None) -> int:
     parallel.initialize(seed=1234)
     where = torch.cuda.get_device_name() if device.cuda() else "cpu"
     results = dict(device=where, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), args=vars(args),
-                   steps=bench_steps(args), losses=bench_losses(args))
+                   steps=bench_steps(args), layouts=bench_layouts(args) if args.layouts else [],
+                   losses=bench_losses(args))
+    if args.profile:
+        results["profile"] = profile_steps(args, args.profile_top)
     parallel.shutdown()
     print(f"device: {where}; {args.preset} at seq {args.seq_length}, micro-batch {args.micro_batch_size} x "
           f"{args.micro_batches}, {'bf16' if args.bf16 else 'fp32'}")
-    print("| step | median ms | min ms | vs GPTModel (medians) | (per round) | latent pos/s | raw tokens/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| step | median ms | min ms | vs GPTModel (medians) | (per round) | latent pos/s | raw tokens/s | MFU "
+          "| peak GiB (alone) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results["steps"]:
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        gib = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a"
         print(f"| {row['step']} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['vs_gptmodel_medians']:.3f}x | "
               f"{row['vs_gptmodel_per_round']:.3f}x | {row['latent_positions_per_s']:,.0f} | "
-              f"{row['raw_tokens_per_s']:,.0f} | {mfu} |")
+              f"{row['raw_tokens_per_s']:,.0f} | {mfu} | {gib} |")
+    if results["layouts"]:
+        print("\nGPTModel step by micro-batch layout (micro-batch size x micro-batches)")
+        print("| layout | samples | median ms | vs first |")
+        print("|---|---|---|---|")
+        for row in results["layouts"]:
+            print(f"| {row['layout']} | {row['samples']} | {row['median_ms']:.1f} | {row['vs_first']:.3f}x |")
+    for name, table in results.get("profile", {}).items():
+        print(f"\nprofile: one {name} step, top {args.profile_top} by {'device' if device.cuda() else 'CPU'} time")
+        print(table)
     print(f"\nlosses at V={args.vocab}, N={args.loss_positions}, forward + backward")
     print("| s | method | median ms | vs megatron fused CE | peak MiB |")
     print("|---|---|---|---|---|")

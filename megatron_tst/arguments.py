@@ -19,6 +19,7 @@ import torch
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
+from megatron_tst.models.sdpa_attention import BACKENDS, core_attention_kind, unsupported_reason
 from megatron_tst.tst import MODES, WEIGHTINGS, TSTPlan
 
 
@@ -65,6 +66,14 @@ class ModelOptions:
     no_bias_swiglu_fusion: bool = _help("do not fuse the SwiGLU activation", default=False)
     no_rope_fusion: bool = _help("do not fuse rotary position embedding", default=False)
     no_masked_softmax_fusion: bool = _help("do not fuse scale, mask and softmax", default=False)
+    # --- a fast step without Transformer Engine (issue 19); checked in check_attention_backend ---
+    attention_backend: str = _help("auto, flash, fused, unfused or local. auto: Transformer Engine's attention "
+                                   "where it is used, else flash; flash without TE: torch's fused SDPA kernels; "
+                                   "local/unfused without TE: megatron-core's DotProductAttention", default="auto")
+    cross_entropy_loss_fusion: bool = _help("megatron-core's fused vocab-parallel cross-entropy for next-token "
+                                            "steps (torch.compile; TST phase 1 keeps its own MCE)", default=False)
+    cross_entropy_fusion_impl: str = _help("native (megatron-core's torch.compile kernel) or te (Transformer "
+                                           "Engine's)", default="native")
 
     def architecture(self) -> GPTArchitecture:
         base = preset(self.model_preset) if self.model_preset else None
@@ -320,8 +329,35 @@ def check_environment(config: PretrainConfig) -> None:
     if impl == "local" and not transformer_engine_available() and importlib.util.find_spec("apex") is not None:
         raise ValueError("Apex is installed without Transformer Engine: megatron-core's local spec then builds "
                          "Apex's FusedLayerNorm, which has no RMSNorm; install Transformer Engine or uninstall apex")
+    check_attention_backend(config)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+
+
+CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
+
+
+def torch_fusion_settings(config: PretrainConfig) -> dict:
+    """TransformerConfig fields for megatron-core's fusions that need no Transformer Engine, with
+    Megatron-LM's flags. Without TE the SwiGLU and RoPE fusions stay off (``fusion_settings``):
+    megatron-core's RoPE fusion is TE's kernel, and its compiled SwiGLU is not measured on a GPU here."""
+    model = config.model
+    return dict(cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
+                cross_entropy_fusion_impl=model.cross_entropy_fusion_impl)
+
+
+def check_attention_backend(config: PretrainConfig) -> None:
+    """--attention-backend and --cross-entropy-fusion-impl against the layer implementation this
+    machine uses (one line, naming the fix)."""
+    if config.model.cross_entropy_fusion_impl == "te" and not transformer_engine_available():
+        raise ValueError("--cross-entropy-fusion-impl te needs Transformer Engine, which is not installed; "
+                         "use --cross-entropy-fusion-impl native")
+    backend = config.model.attention_backend
+    if core_attention_kind(backend, resolved_transformer_impl(config.model)) == "sdpa":
+        reason = unsupported_reason(context_parallel_size=config.parallel.context_parallel_size)
+        if reason:
+            raise ValueError(f"--attention-backend {backend} (torch SDPA): {reason}; "
+                             "install Transformer Engine or use --context-parallel-size 1")
 
 
 def validate(config: PretrainConfig) -> None:
@@ -331,6 +367,11 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError(f"--transformer-impl {model.transformer_impl} is not one of local, transformer_engine")
     if model.fp8_format is not None and model.fp8_format not in FP8_FORMATS:
         raise ValueError(f"--fp8-format {model.fp8_format} is not one of {', '.join(FP8_FORMATS)}")
+    if model.attention_backend not in BACKENDS:
+        raise ValueError(f"--attention-backend {model.attention_backend} is not one of {', '.join(BACKENDS)}")
+    if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
+        raise ValueError(f"--cross-entropy-fusion-impl {model.cross_entropy_fusion_impl} is not one of "
+                         f"{', '.join(CROSS_ENTROPY_FUSION_IMPLS)}")
     if model.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"--fp8-recipe {model.fp8_recipe} is not one of {', '.join(FP8_RECIPES)}")
     if par.overlap_grad_reduce and par.no_overlap_grad_reduce:

@@ -33,12 +33,13 @@ from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 from megatron_tst import checkpointing, device, orphan, parallel, preflight
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, overlap_settings, parse_args, resolved_transformer_impl,
-    wsd_decay_iters,
+    torch_fusion_settings, wsd_decay_iters,
 )
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import build_gpt_model, padded_vocab_size, transformer_config
+from megatron_tst.optimizer import ForeachNormChainedOptimizer, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
 
@@ -61,8 +62,9 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         fp8_format=config.model.fp8_format,
         fp8_recipe=config.model.fp8_recipe,
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
+        attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
-        **fusion_settings(config),
+        **fusion_settings(config), **torch_fusion_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -102,15 +104,28 @@ def expert_weights_in_expert_optimizer(chunk):
             param.allreduce = False
 
 
-def build_optimizer(config: PretrainConfig, chunks, model_config):
+def megatron_optimizer(config: PretrainConfig, chunks, model_config):
+    """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
-    scheduler = OptimizerParamScheduler(
+
+
+def build_optimizer(config: PretrainConfig, chunks, model_config):
+    training = config.training
+    # torch's fused AdamW and a one-read gradient norm where TE/Apex are absent (megatron_tst/optimizer.py)
+    optimizer = ForeachNormChainedOptimizer.wrap(megatron_optimizer(config, chunks, model_config))
+    use_fused_adamw(optimizer)
+    return optimizer, build_scheduler(config, optimizer)
+
+
+def build_scheduler(config: PretrainConfig, optimizer):
+    training = config.training
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=training.lr, min_lr=training.min_lr,
         lr_warmup_steps=training.lr_warmup_iters,
         lr_decay_steps=training.lr_decay_iters or training.train_iters,
@@ -119,7 +134,6 @@ def build_optimizer(config: PretrainConfig, chunks, model_config):
         wd_incr_steps=training.train_iters, wd_incr_style="constant",
         wsd_decay_steps=wsd_decay_iters(training), lr_wsd_decay_style=training.lr_wsd_decay_style,
     )
-    return optimizer, scheduler
 
 
 def one_or_list(functions: list):

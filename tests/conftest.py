@@ -44,3 +44,25 @@ def write_corpus(prefix, documents=3000, seed=0, dtype=np.uint16):
         builder.add_document(torch.from_numpy(document.astype(np.int64)), [length + 1])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+TE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def clear_te_attention_variables() -> dict:
+    """megatron-core's GPTModel writes --attention-backend into NVTE_*_ATTN (for Transformer Engine)
+    and asserts that a later model in the same process asks for the same: a test that builds
+    models with two backends clears them in between. Returns what was set."""
+    import os
+
+    return {name: os.environ.pop(name) for name in TE_ATTENTION_VARIABLES if name in os.environ}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_te_attention_variables():
+    import os
+
+    saved = clear_te_attention_variables()
+    yield
+    clear_te_attention_variables()
+    os.environ.update(saved)

@@ -4,8 +4,10 @@
 #   1. installs what is missing from the wheels in WHEEL_DIR (default .whl/, made by
 #      tools/fetch_gpu_wheels.sh on a machine with PyPI access) into a private folder; no network;
 #   2. runs the GPU tests (pytest -m gpu) and the TE tests;
-#   3. runs the GPU benchmark (examples/bench_gpu.py).
-# Everything they print goes to OUTDIR (gpu_tests.log, bench_gpu.log, bench_gpu.json, environment.txt).
+#   3. runs the GPU benchmark (examples/bench_gpu.py, with --profile) and, where transformers is
+#      installed, the peer benchmark (examples/bench_peer.py).
+# Everything they print goes to OUTDIR (gpu_tests.log, bench_gpu.log/.json, bench_peer.log/.json,
+# environment.txt).
 # Usage: tools/gpu_check.sh OUTDIR [WHEEL_DIR]
 set -uo pipefail
 if [ $# -lt 1 ]; then
@@ -47,9 +49,16 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cat "$out/environment.txt"
 
 status=0
-"$python" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_te.py 2>&1 | tee "$out/gpu_tests.log"
+"$python" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_fast_step.py tests/test_te.py 2>&1 | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-"$python" examples/bench_gpu.py --output "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
+"$python" examples/bench_gpu.py --profile --output "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# ours against transformers' LlamaForCausalLM at the same shape (needs transformers; not in the wheels)
+if "$python" -c "import transformers" 2>/dev/null; then
+  "$python" examples/bench_peer.py --seq-length 2048 --output "$out/bench_peer.json" 2>&1 | tee "$out/bench_peer.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "bench_peer: transformers is not installed here; skipped" | tee "$out/bench_peer.log"
+fi
 echo "gpu_check: $( [ $status -eq 0 ] && echo passed || echo FAILED ); logs in $out"
 exit $status

@@ -22,7 +22,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 
+from megatron_tst.models.sdpa_attention import check_sdpa, core_attention_kind, with_core_attention
 from megatron_tst.tst.loss import Weighting
 from megatron_tst.tst.model import TSTGPTModel
 
@@ -134,12 +136,15 @@ def transformer_config(
     fp8_format: str | None = None,
     fp8_recipe: str = "delayed",
     moe_token_dispatcher_type: str = "alltoall",
+    attention_backend: str = "auto",
     **overrides,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for ``arch``; ``overrides`` are further config fields.
 
     ``transformer_impl`` None picks Transformer Engine when it is importable on a CUDA machine and
-    megatron-core's local modules otherwise.
+    megatron-core's local modules otherwise. ``attention_backend`` is Megatron-LM's
+    ``--attention-backend``: with the local modules ``auto``/``flash`` build torch SDPA attention
+    (``models/sdpa_attention.py``), ``local``/``unfused`` megatron-core's DotProductAttention.
     """
     transformer_impl = transformer_impl or default_transformer_impl()
     if transformer_impl not in ("local", "transformer_engine"):
@@ -151,6 +156,7 @@ def transformer_config(
         )
     if fp8_format is not None and transformer_impl != "transformer_engine":
         raise ValueError(f"FP8 ({fp8_format}) needs transformer_impl='transformer_engine'")
+    attention_kind = core_attention_kind(attention_backend, transformer_impl)
     fields = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -177,6 +183,7 @@ def transformer_config(
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         transformer_impl=transformer_impl,
+        attention_backend=AttnBackend[attention_backend],
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     if fp8_format is not None:
@@ -194,20 +201,25 @@ def transformer_config(
             moe_grouped_gemm=transformer_impl == "transformer_engine",
         )
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    config = TransformerConfig(**fields)
+    if attention_kind == "sdpa":
+        check_sdpa(config)
+    return config
 
 
 def layer_spec(arch: GPTArchitecture, config: TransformerConfig):
-    """The transformer layer ModuleSpec: Transformer Engine's when asked for, else the local one."""
+    """The transformer layer ModuleSpec: Transformer Engine's when asked for, else the local one
+    with the core attention ``config.attention_backend`` names."""
     if config.transformer_impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=arch.num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=arch.qk_layernorm,
         )
-    return get_gpt_layer_local_spec(
+    spec = get_gpt_layer_local_spec(
         num_experts=arch.num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm,
         normalization="RMSNorm",
     )
+    return with_core_attention(spec, config)
 
 
 def build_gpt_model(

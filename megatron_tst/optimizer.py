@@ -1,0 +1,88 @@
+"""megatron-core's optimizer without Transformer Engine or Apex, made fast: torch's fused AdamW and a
+gradient norm without a host synchronisation per tensor.
+
+Without TE/Apex, megatron-core 0.16.1 builds ``torch.optim.AdamW`` with torch's defaults (the
+multi-tensor "foreach" kernels on CUDA, a per-tensor loop on CPU) and computes the gradient norm
+with ``local_multi_tensor_l2_norm``, which turns every tensor's norm into a Python float (a host
+synchronisation per parameter tensor). Here, by extension only:
+
+- ``use_fused_adamw``: every torch Adam/AdamW param group inside the megatron optimizer runs
+  ``fused=True`` (one kernel for the whole update, CUDA and CPU); a ``load_state_dict`` post-hook
+  (torch's own hook) keeps it fused after a checkpoint load, whatever the checkpoint's groups say.
+  The distributed optimizer copies loaded state into the existing tensors, so it stays as built.
+- ``ForeachNormChainedOptimizer``: megatron-core's ``ChainedOptimizer`` (what
+  ``get_megatron_optimizer`` returns) with ``get_grad_norm`` computed by ``torch._foreach_norm``:
+  one all-reduce per inner optimizer's group and one host read per step (megatron-core returns
+  the norm as a float, and its step clips on the host's value). Clipping stays megatron-core's
+  (``local_multi_tensor_scale``: a kernel per tensor, no synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import ChainedOptimizer
+
+
+def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch Adam/AdamW optimizers inside a megatron-core optimizer (chained or not)."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    found = [getattr(o, "optimizer", None) for o in inner]
+    return [o for o in found if isinstance(o, torch.optim.Adam)]  # AdamW is an Adam in torch >= 2.x
+
+
+def _fuse(adam: torch.optim.Optimizer) -> None:
+    adam.defaults.update(fused=True, foreach=False)
+    for group in adam.param_groups:
+        group.update(fused=True, foreach=False)
+        for param in group["params"]:
+            step = adam.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor) and (step.device != param.device or step.dtype != torch.float32):
+                # fused kernels read the step count on the parameters' device (torch's own rule)
+                adam.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Make every torch Adam(W) inside ``optimizer`` fused, now and after any state load. Returns
+    how many it changed (0 with TE/Apex, whose FusedAdam is fused already)."""
+    adams = torch_adams(optimizer)
+    for adam in adams:
+        _fuse(adam)
+        if not getattr(adam, "_megatron_tst_fused_hook", False):
+            adam.register_load_state_dict_post_hook(_fuse)
+            adam._megatron_tst_fused_hook = True
+    return len(adams)
+
+
+def is_fused(optimizer) -> bool:
+    adams = torch_adams(optimizer)
+    return bool(adams) and all(g.get("fused") for a in adams for g in a.param_groups)
+
+
+class ForeachNormChainedOptimizer(ChainedOptimizer):
+    """``ChainedOptimizer`` whose gradient norm takes one host read per step (see the module doc).
+    Same value as megatron-core's: the L2 norm over every inner optimizer's main gradients, each
+    part summed over that optimizer's gradient-statistics group."""
+
+    @classmethod
+    def wrap(cls, chained: ChainedOptimizer) -> "ForeachNormChainedOptimizer":
+        return cls(chained.chained_optimizers)
+
+    @torch.no_grad()
+    def get_grad_norm(self):
+        total = None
+        for optimizer in self.chained_optimizers:
+            if getattr(optimizer, "is_stub_optimizer", False):
+                continue
+            grads = optimizer.get_main_grads_for_grad_norm()
+            if grads:
+                part = torch.stack(torch._foreach_norm(grads, 2.0)).float().square().sum()
+            else:  # a rank without parameters in this optimizer still joins the all-reduce
+                part = torch.zeros((), dtype=torch.float32, device=torch.cuda.current_device())
+            part = part.reshape(1)
+            if dist.is_initialized():
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=optimizer.get_grad_stats_parallel_group())
+            total = part if total is None else total + part
+        return 0.0 if total is None else math.sqrt(total.item())  # the step's one host read
