@@ -25,6 +25,8 @@ def model_flops_per_position(arch, seq_length: int) -> float:
     counts = arch.parameter_counts()
     # the output head is a matmul whether or not it shares its table with the input embedding
     lookup_table = arch.vocab_size * arch.hidden_size if arch.untie_embeddings_and_output_weights else 0
+    if arch.position_embedding_type == "learned_absolute":  # a lookup too
+        lookup_table += arch.max_position_embeddings * arch.hidden_size
     matmul_weights = counts["active"] - lookup_table
     attention = 4 * seq_length * arch.num_attention_heads * arch.head_dim * arch.num_layers
     return 2 * matmul_weights + attention

@@ -32,13 +32,13 @@ from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
 from megatron_tst import checkpointing, device, orphan, parallel, preflight
 from megatron_tst.arguments import (
-    PretrainConfig, check_environment, fusion_settings, overlap_settings, parse_args, resolved_transformer_impl,
-    wsd_decay_iters,
+    PretrainConfig, check_environment, fusion_settings, model_settings, overlap_settings, parse_args,
+    resolved_transformer_impl, wsd_decay_iters,
 )
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
-from megatron_tst.models import build_gpt_model, padded_vocab_size, transformer_config
+from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
 
@@ -55,14 +55,14 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         context_parallel_size=par.context_parallel_size,
-        sequence_parallel=par.sequence_parallel,
+        sequence_parallel=par.sequence_parallel_enabled(),
         bf16=config.model.bf16,
         transformer_impl=resolved_transformer_impl(config.model),
         fp8_format=config.model.fp8_format,
         fp8_recipe=config.model.fp8_recipe,
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
-        **fusion_settings(config),
+        **fusion_settings(config), **model_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -246,7 +246,7 @@ def pretrain(config: PretrainConfig) -> dict:
 
     plan = config.tst.plan(training.train_iters)
     vocab_size, eod = tokenizer_info(config)
-    arch = dataclasses.replace(config.model.architecture(), vocab_size=config.model.vocab_size or vocab_size)
+    arch = config.model.architecture(vocab_size=vocab_size)
     chunks, model_config = build_model(config, arch, plan)
     optimizer, scheduler = build_optimizer(config, chunks, model_config)
     model_config.no_sync_func = one_or_list([chunk.no_sync for chunk in chunks])
@@ -282,9 +282,11 @@ def pretrain(config: PretrainConfig) -> dict:
         load_root = None
     if load_root:
         saved = checkpointing.read_run_config(load_root)
-        if saved.get("model") is not None and saved["model"] != dataclasses.asdict(arch):
+        # a checkpoint's run_config without the later architecture fields holds their defaults
+        saved_model = saved.get("model") and dataclasses.asdict(GPTArchitecture(**saved["model"]))
+        if saved_model and saved_model != dataclasses.asdict(arch):
             raise checkpointing.CheckpointError(
-                f"{load_root} holds a model of another shape ({_shape_difference(saved['model'], dataclasses.asdict(arch))})")
+                f"{load_root} holds a model of another shape ({_shape_difference(saved_model, dataclasses.asdict(arch))})")
         state = checkpointing.load(load_root, modules, optimizer, scheduler,
                                    load_optimizer=not saved.get("reset_optimizer", False))
         common = state["common"]
@@ -389,7 +391,7 @@ def pretrain(config: PretrainConfig) -> dict:
 def load_imported_weights(root: str, modules, optimizer, arch) -> None:
     """A weights-only checkpoint (``tools/convert_checkpoint.py from-hf``): load its weights and start a
     fresh run at iteration 0 with new optimizer state, schedule and data position (Megatron's --finetune)."""
-    saved = checkpointing.read_run_config(root)["model"]
+    saved = dataclasses.asdict(GPTArchitecture(**checkpointing.read_run_config(root)["model"]))
     ours = dataclasses.asdict(arch)
     training_only = ("init_method_std", "moe_aux_loss_coeff")  # hyper-parameters, not the weights' shape
     if {k: v for k, v in saved.items() if k not in training_only} != {k: v for k, v in ours.items() if k not in training_only}:
