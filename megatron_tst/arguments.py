@@ -203,14 +203,15 @@ class TrainingOptions:
     adam_eps: float = _help("AdamW epsilon", default=1e-8)
     clip_grad: float = _help("gradient-norm clip (0: off)", default=1.0)
     seed: int = _help("random seed (weights, data order)", default=1234)
-    train_samples: int | None = _refused("sample-based schedules are not supported yet; give --train-iters "
-                                         "(samples / --global-batch-size)", default=None)
-    lr_warmup_samples: int | None = _refused("sample-based schedules are not supported yet; give "
-                                             "--lr-warmup-iters", default=None)
-    lr_decay_samples: int | None = _refused("sample-based schedules are not supported yet; give "
-                                            "--lr-decay-iters", default=None)
-    lr_warmup_fraction: float | None = _refused("not supported yet; give --lr-warmup-iters (fraction x "
-                                                "--lr-decay-iters)", default=None)
+    train_samples: int | None = _help("samples of the whole run instead of --train-iters, as Megatron-LM: "
+                                      "iterations = samples // --global-batch-size, and the LR schedule counts "
+                                      "samples; the TST switch stays r x the iterations", default=None)
+    lr_warmup_samples: int | None = _help("warm-up samples (with --train-samples)", default=None)
+    lr_decay_samples: int | None = _help("decay samples (with --train-samples; default all)", default=None)
+    lr_wsd_decay_samples: int | None = _help("WSD decay samples (with --train-samples; default 10%% of them)",
+                                             default=None)
+    lr_warmup_fraction: float | None = _help("warm-up as a fraction of the decay steps (instead of "
+                                             "--lr-warmup-iters/--lr-warmup-samples)", default=None)
     rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
                                        "--global-batch-size", default_factory=list)
     fp16: bool = _refused("fp16 with loss scaling is not supported yet; use --bf16", default=False)
@@ -218,12 +219,16 @@ class TrainingOptions:
                                           "drop it (--lr applies to every parameter)", default=None)
     decoupled_min_lr: float | None = _refused("a separate embedding/output learning rate is not supported "
                                               "yet; drop it", default=None)
-    grad_reduce_in_bf16: bool = _refused("gradients are always reduced in fp32; drop it", default=False)
-    exit_duration_in_mins: float | None = _refused("not supported yet; use --exit-interval, or send SIGTERM "
-                                                   "(the job saves and stops)", default=None)
-    manual_gc: bool = _refused("not supported yet; drop it (Python's garbage collector stays automatic)",
-                               default=False)
-    empty_unused_memory_level: int | None = _refused("not supported yet; drop it", default=None)
+    grad_reduce_in_bf16: bool = _help("reduce gradients in bf16 (with --bf16; default fp32)", default=False)
+    exit_duration_in_mins: float | None = _help("save and stop every rank after the step that ends this many "
+                                                "minutes after the job started (the same command resumes)",
+                                                default=None)
+    manual_gc: bool = _help("Python's garbage collector only at --manual-gc-interval steps and around "
+                            "validation (the same moment on every rank), as Megatron-LM", default=False)
+    manual_gc_interval: int = _help("steps between collections with --manual-gc (0: only around validation)",
+                                    default=0)
+    empty_unused_memory_level: int = _help("CUDA: 1 empties the allocator's cache after each step, 2 also "
+                                           "after validation (no effect without CUDA)", default=0)
 
 
 @dataclass
@@ -258,11 +263,10 @@ class CheckpointOptions:
     exit_at_phase_switch: bool = _help("save and exit when TST phase 1 ends (the launcher's phase-1 job)",
                                        default=False)
     ckpt_format: str = _help("torch_dist (the only format)", default="torch_dist")
-    no_load_optim: bool = _refused("not supported yet: a resume always loads the optimizer state; drop it",
-                                   default=False)
-    no_load_rng: bool = _refused("not supported yet: a resume always loads the RNG state; drop it", default=False)
-    finetune: bool = _refused("not supported yet; a weights-only checkpoint (tools/convert_checkpoint.py "
-                              "from-hf) starts a fresh run from --load", default=False)
+    no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
+    no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
+    finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "
+                           "RNG and data position); the same command later resumes from --save", default=False)
 
 
 @dataclass
@@ -272,8 +276,7 @@ class LoggingOptions:
     eval_iters: int = _help("validation micro-batches per data-parallel rank", default=10)
     tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
     peak_flops: float | None = _help("peak FLOP/s per device, for MFU", default=None)
-    log_throughput: bool = _refused("not supported yet: each log line has tokens/s (and MFU with --peak-flops); "
-                                    "drop it", default=False)
+    log_throughput: bool = _help("log model TFLOP/s per GPU (tokens/s are always logged)", default=False)
     profile: bool = _refused("not supported yet; drop it", default=False)
     profile_step_start: int | None = _refused("not supported yet (see --profile); drop it", default=None)
     profile_step_end: int | None = _refused("not supported yet (see --profile); drop it", default=None)
@@ -347,9 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _iterations_from_samples(namespace: dict) -> None:
+    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, no ramp-up)."""
+    if namespace["train_samples"] is None:
+        return
+    if namespace["train_iters"] is not None:
+        raise ValueError("--train-samples and --train-iters contradict each other; give one")
+    if namespace["global_batch_size"] is None:
+        raise ValueError("--train-samples needs --global-batch-size (iterations = samples // global batch size)")
+    namespace["train_iters"] = namespace["train_samples"] // namespace["global_batch_size"]
+
+
 def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
+    _iterations_from_samples(namespace)
     hints = typing.get_type_hints(PretrainConfig)
     groups = {}
     for group_field in dataclasses.fields(PretrainConfig):
@@ -540,6 +555,24 @@ def validate(config: PretrainConfig) -> None:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if training.train_iters < 1:
         raise ValueError(f"--train-iters must be >= 1, got {training.train_iters}")
+    if training.grad_reduce_in_bf16 and not model.bf16:
+        raise ValueError("--grad-reduce-in-bf16 needs --bf16")
+    if training.empty_unused_memory_level not in (0, 1, 2):
+        raise ValueError(f"--empty-unused-memory-level must be 0, 1 or 2, got {training.empty_unused_memory_level}")
+    if training.exit_duration_in_mins is not None and training.exit_duration_in_mins <= 0:
+        raise ValueError(f"--exit-duration-in-mins must be > 0, got {training.exit_duration_in_mins}")
+    samples = training.train_samples is not None
+    for flag, given in (("--lr-warmup-iters", training.lr_warmup_iters), ("--lr-decay-iters", training.lr_decay_iters),
+                        ("--lr-wsd-decay-iters", training.lr_wsd_decay_iters)):
+        if samples and given:
+            raise ValueError(f"{flag} with --train-samples: give {flag.replace('iters', 'samples')} instead")
+    for flag, given in (("--lr-warmup-samples", training.lr_warmup_samples),
+                        ("--lr-decay-samples", training.lr_decay_samples),
+                        ("--lr-wsd-decay-samples", training.lr_wsd_decay_samples)):
+        if given is not None and not samples:
+            raise ValueError(f"{flag} needs --train-samples; give it, or {flag.replace('samples', 'iters')}")
+    if training.lr_warmup_fraction is not None and (training.lr_warmup_iters or training.lr_warmup_samples):
+        raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples contradict each other; give one")
     if training.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
         raise ValueError(f"--lr-decay-style {training.lr_decay_style} is not one of constant, linear, "
                          "cosine, inverse-square-root, WSD")
@@ -562,3 +595,21 @@ def validate(config: PretrainConfig) -> None:
 
 def wsd_decay_iters(training: TrainingOptions) -> int:
     return training.lr_wsd_decay_iters or max(1, math.ceil(0.1 * training.train_iters))
+
+
+def lr_schedule(training: TrainingOptions) -> tuple[dict, int]:
+    """OptimizerParamScheduler's step counts, and how far each iteration advances it: counted in
+    iterations, or with --train-samples in samples as Megatron-LM (an iteration advances it by
+    --global-batch-size)."""
+    if training.train_samples is not None:
+        total, increment = training.train_samples, training.global_batch_size
+        decay = training.lr_decay_samples or total
+        warmup = training.lr_warmup_samples or 0
+        wsd = training.lr_wsd_decay_samples or max(1, math.ceil(0.1 * total))
+    else:
+        total, increment = training.train_iters, 1
+        decay = training.lr_decay_iters or total
+        warmup, wsd = training.lr_warmup_iters, wsd_decay_iters(training)
+    if training.lr_warmup_fraction is not None:
+        warmup = training.lr_warmup_fraction * decay
+    return dict(lr_warmup_steps=warmup, lr_decay_steps=decay, wsd_decay_steps=wsd, wd_incr_steps=total), increment

@@ -3,6 +3,7 @@ parse, each flag is honoured or refused in one line naming it, and a flag set wi
 builds Megatron-LM's GPT (LayerNorm, GeLU, learned positions, biases, tied) as megatron-core does."""
 
 import dataclasses
+import gc
 import json
 import os
 
@@ -107,11 +108,10 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--train-samples", "--lr-decay-samples", "--lr-warmup-samples", "--decoupled-lr", "--decoupled-min-lr",
-    "--grad-reduce-in-bf16", "--manual-gc", "--empty-unused-memory-level", "--exit-duration-in-mins",
-    "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--log-throughput", "--profile",
-    "--profile-step-start", "--profile-step-end", "--rampup-batch-size", "--fp16", "--lr-warmup-fraction",
-    "--vocab-file", "--merge-file", "--no-load-optim", "--no-load-rng", "--wandb-project", "--wandb-exp-name",
+    "--decoupled-lr", "--decoupled-min-lr",
+    "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--profile",
+    "--profile-step-start", "--profile-step-end", "--rampup-batch-size", "--fp16",
+    "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
 FP8_SETTINGS = {"--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"}
@@ -137,6 +137,7 @@ def dry_build(config, vocab_size=512):
     plan = config.tst.plan(config.training.train_iters)
     chunks, model_config = pretrain.build_model(config, arch, plan)
     optimizer, scheduler = pretrain.build_optimizer(config, chunks, model_config)
+    assert chunks[0].ddp_config.grad_reduce_in_fp32 != config.training.grad_reduce_in_bf16
     return arch, unwrap_model(chunks)[0], model_config, optimizer, scheduler
 
 
@@ -169,6 +170,10 @@ HONOURED = {
     "--lr-decay-style": (lambda c, m, o, s: s.lr_decay_style, "cosine"),
     "--lr-decay-iters": (lambda c, m, o, s: s.lr_decay_steps, 80),
     "--lr-warmup-iters": (lambda c, m, o, s: s.lr_warmup_steps, 5),
+    "--train-samples": (lambda c, m, o, s: s.wd_incr_steps, 400),  # the schedule counts samples
+    "--lr-decay-samples": (lambda c, m, o, s: s.lr_decay_steps, 390),
+    "--lr-warmup-samples": (lambda c, m, o, s: s.lr_warmup_steps, 8),
+    "--lr-warmup-fraction": (lambda c, m, o, s: s.lr_warmup_steps, 0.001 * 80),
     "--weight-decay": (lambda c, m, o, s: s.start_wd, 0.05),
     "--clip-grad": (lambda c, m, o, s: o.config.clip_grad, 0.5),
     "--adam-beta1": (lambda c, m, o, s: o.config.adam_beta1, 0.85),
@@ -302,6 +307,123 @@ def test_hf_export_refuses_a_shape_it_cannot_express():
     assert pick_model_type(old) == "llama"  # a run_config from before these fields
 
 
+def test_no_load_optim_no_load_rng_and_finetune_resume_as_megatron_lm(corpus, tmp_path):
+    from megatron_tst import parallel
+    from megatron_tst.pretrain import adam_moments, resume, setup
+
+    save = str(tmp_path / "run")
+    argv = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+            "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--train-iters", "4", "--lr-warmup-iters", "2", "--save", save]
+    assert pretrain.main(argv + ["--exit-interval", "2"]) == 0
+    saved_rng = torch.load(os.path.join(save, "iter_0000002", "rng", "rank_0.pt"), weights_only=False)["torch"]
+
+    def resumed(*extra):
+        run = setup(parse_args(argv + list(extra)))
+        try:
+            resume(run)
+            params = [p for p in run.modules[0].parameters()]
+            return dict(iteration=run.iteration, consumed=run.consumed, steps=run.scheduler.num_steps,
+                        moments=len(adam_moments(run.optimizer, params)), rng=torch.get_rng_state(),
+                        weights=[p.detach().clone() for p in params])
+        finally:
+            parallel.shutdown()
+
+    full = resumed()
+    assert (full["iteration"], full["consumed"], full["steps"]) == (2, {"next-token": 4}, 2)
+    assert full["moments"] > 0 and torch.equal(full["rng"], saved_rng)
+    no_optim = resumed("--no-load-optim")  # fresh Adam state, the schedule and data position continue
+    assert (no_optim["iteration"], no_optim["steps"], no_optim["moments"]) == (2, 2, 0)
+    assert all(torch.equal(a, b) for a, b in zip(no_optim["weights"], full["weights"]))
+    assert not torch.equal(resumed("--no-load-rng")["rng"], saved_rng)
+    # --finetune: --load's weights in a fresh run under another --save; that run resumes itself later
+    finetune = resumed("--load", save, "--save", str(tmp_path / "finetuned"), "--finetune")
+    assert (finetune["iteration"], finetune["consumed"], finetune["steps"], finetune["moments"]) == (0, {}, 0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(finetune["weights"], full["weights"]))
+
+
+def test_exit_duration_saves_and_stops_and_the_same_command_resumes_bit_identically(corpus, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Also --log-throughput (Megatron-LM's TFLOP/s per GPU) and --manual-gc on the uninterrupted run."""
+    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+              "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1"]
+
+    def losses(save):
+        with open(os.path.join(save, "metrics.jsonl")) as handle:
+            return [row["loss"] for row in map(json.loads, handle) if "loss" in row]
+
+    whole = str(tmp_path / "whole")
+    collections, collect = [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(gc.isenabled()) or collect(*a))
+    assert pretrain.main(common + ["--save", whole, "--log-throughput", "--manual-gc", "--manual-gc-interval", "2"]) == 0
+    monkeypatch.undo()
+    # collected at the start and after step 2 with the automatic collector off; on again afterwards
+    assert len(collections) >= 2 and not any(collections) and gc.isenabled()
+    with open(os.path.join(whole, "metrics.jsonl")) as handle:
+        rows = [row for row in map(json.loads, handle) if "loss" in row]
+    flops = [b["model_flops"] - a["model_flops"] for a, b in zip([{"model_flops": 0}] + rows, rows)]
+    assert [row["tflops_per_gpu"] for row in rows] == pytest.approx(
+        [f / row["step_time_s"] / 1e12 for f, row in zip(flops, rows)], rel=1e-9)
+    assert "TFLOP/s/GPU" in capsys.readouterr().out
+    stopped = str(tmp_path / "stopped")
+    budget = common + ["--save", stopped, "--exit-duration-in-mins", "1e-9"]  # out of time after each first step
+    for iteration in (1, 2, 3):
+        assert pretrain.main(budget) == 0
+        with open(os.path.join(stopped, "latest_checkpointed_iteration.txt")) as handle:
+            assert handle.read().strip() == str(iteration)  # saved, then stopped
+    assert losses(stopped) == losses(whole)  # dropout on: the RNG state resumes too
+    assert len(losses(whole)) == 3
+
+
+def test_sample_based_schedule_counts_samples_as_megatron_lm(corpus, tmp_path):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    common = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path",
+              corpus, "--seq-length", "16", "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3",
+              "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--log-interval", "1"]
+
+    def lrs(save, *schedule):
+        assert pretrain.main(common + ["--save", save, *schedule]) == 0
+        with open(os.path.join(save, "metrics.jsonl")) as handle:
+            return [row["lr"] for row in map(json.loads, handle) if "lr" in row]
+
+    def reference(iterations, increment, warmup, decay, total):  # megatron-core's scheduler, stepped as Megatron-LM
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=warmup, lr_decay_steps=decay,
+            lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=total, wd_incr_style="constant")
+        values = []
+        for _ in range(iterations):
+            scheduler.step(increment=increment)
+            values.append(scheduler.get_lr(optimizer.param_groups[0]))
+        return values
+
+    # 99 samples of 8: 12 iterations (Megatron-LM's floor); warm-up and decay in samples, not multiples of 8
+    samples = lrs(str(tmp_path / "samples"), "--train-samples", "99", "--lr-warmup-samples", "20",
+                  "--lr-decay-samples", "70", "--tst-bag-size", "2", "--tst-iters", "3")
+    assert samples == pytest.approx(reference(12, 8, 20, 70, 99), rel=1e-12, abs=0)
+    fraction = lrs(str(tmp_path / "fraction"), "--train-iters", "6", "--lr-decay-iters", "5",
+                   "--lr-warmup-fraction", "0.5")
+    assert fraction == pytest.approx(reference(6, 1, 2.5, 5, 6), rel=1e-12, abs=0)
+    config = parse_args(common + ["--train-samples", "1000", "--tst-bag-size", "6", "--tst-ratio", "0.3"])
+    assert config.training.train_iters == 125 and config.tst.plan(125).switch_iter == 38  # the switch in steps
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-samples", "80", "--train-iters", "10"], "--train-samples and --train-iters contradict each other"),
+    (["--train-samples", "80"], "--train-samples needs --global-batch-size"),
+    (["--train-samples", "80", "--global-batch-size", "8", "--lr-decay-iters", "5"],
+     "--lr-decay-iters with --train-samples: give --lr-decay-samples instead"),
+    (["--lr-warmup-samples", "8"], "--lr-warmup-samples needs --train-samples"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "--lr-warmup-fraction and --lr-warmup-iters"),
+])
+def test_bad_schedule_flags_are_one_line_errors(flags, message):
+    with pytest.raises(ValueError) as error:
+        parse_args(GPT3_STYLE + flags)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_checkpoint_from_before_the_architecture_fields_resumes(corpus, tmp_path, capsys):
     save = str(tmp_path / "run")
     argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path", corpus,
@@ -328,3 +450,16 @@ def test_a_checkpoint_from_before_the_architecture_fields_resumes(corpus, tmp_pa
     capsys.readouterr()
     assert pretrain.main(other) == 1
     assert "holds a model of another shape" in capsys.readouterr().err
+
+
+def test_the_launcher_gives_the_recovery_job_what_is_left_of_the_exit_duration():
+    import time
+
+    from megatron_tst.launch import within_budget
+
+    argv = ["--train-iters", "10", "--exit-duration-in-mins", "10", "--save", "x"]
+    left = within_budget(argv, 10, time.time() - 150)
+    assert left[:-2] == ["--train-iters", "10", "--save", "x"] and left[-2] == "--exit-duration-in-mins"
+    assert float(left[-1]) == pytest.approx(7.5, abs=0.05)
+    assert within_budget(argv, 10, time.time() - 601) is None
+    assert within_budget(argv, None, time.time() - 601) == argv
