@@ -87,6 +87,12 @@ class ModelOptions:
     moe_token_dispatcher_type: str = _help("alltoall or allgather", default="alltoall")
     qk_layernorm: bool = _help("RMSNorm on queries and keys (Qwen3)", default=False)
     init_method_std: float | None = _help("weight init standard deviation", default=None)
+    recompute_granularity: str | None = _help("activation recomputation: selective (attention scores) or full "
+                                              "(whole layers, with --recompute-method)", default=None)
+    recompute_method: str | None = _help("with full recomputation: uniform (every --recompute-num-layers layers "
+                                         "one unit) or block (the first --recompute-num-layers layers)", default=None)
+    recompute_num_layers: int | None = _help("layers per recomputed unit (uniform) or recomputed (block)",
+                                             default=None)
     use_mcore_models: bool = _no_op("models are always megatron-core's", default=False)
     calculate_per_token_loss: bool = _no_op("the loss is always the mean over the global batch's tokens",
                                             default=False)
@@ -514,6 +520,9 @@ def model_settings(config: PretrainConfig) -> dict:
         settings["fp8_amax_compute_algo"] = model.fp8_amax_compute_algo
     if model.fp8_param_gather:
         settings["fp8_param"] = True
+    if model.recompute_granularity:
+        settings.update(recompute_granularity=model.recompute_granularity, recompute_method=model.recompute_method,
+                        recompute_num_layers=model.recompute_num_layers)
     return settings
 
 
@@ -548,6 +557,7 @@ def validate(config: PretrainConfig) -> None:
                         ("--fp8-param-gather", model.fp8_param_gather)):
         if given and model.fp8_format is None:
             raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    check_recompute(model)
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
     for flag, value in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
@@ -591,6 +601,20 @@ def validate(config: PretrainConfig) -> None:
     if arch.num_layers % par.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {arch.num_layers} does not divide into "
                          f"{par.pipeline_model_parallel_size} pipeline stages")
+
+
+def check_recompute(model: ModelOptions) -> None:
+    """Megatron-LM's recomputation flags, their combinations refused in one line (megatron-core asserts)."""
+    granularity, method, layers = model.recompute_granularity, model.recompute_method, model.recompute_num_layers
+    if granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity {granularity} is not supported; use full or selective")
+    if method not in (None, "uniform", "block"):
+        raise ValueError(f"--recompute-method {method} is not supported; use uniform or block")
+    if granularity != "full" and (method or layers is not None):
+        raise ValueError("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    if granularity == "full" and (method is None or layers is None or layers < 1):
+        raise ValueError("--recompute-granularity full needs --recompute-method uniform|block and "
+                         "--recompute-num-layers N >= 1")
 
 
 def wsd_decay_iters(training: TrainingOptions) -> int:

@@ -18,7 +18,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_tst import pretrain
 from megatron_tst.arguments import (
-    check_environment, environment_problems, parse_args, refused_flags, resolved_transformer_impl,
+    check_environment, environment_problems, model_settings, parse_args, refused_flags, resolved_transformer_impl,
 )
 from megatron_tst.models import GPTArchitecture, build_gpt_model, transformer_config
 from megatron_tst.models.gpt import transformer_engine_available
@@ -463,3 +463,43 @@ def test_the_launcher_gives_the_recovery_job_what_is_left_of_the_exit_duration()
     assert float(left[-1]) == pytest.approx(7.5, abs=0.05)
     assert within_budget(argv, 10, time.time() - 601) is None
     assert within_budget(argv, None, time.time() - 601) == argv
+
+
+@pytest.mark.parametrize("flags", [["--recompute-granularity", "selective"],
+                                   ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                    "--recompute-num-layers", "1"],
+                                   ["--recompute-granularity", "full", "--recompute-method", "block",
+                                    "--recompute-num-layers", "2"]])
+def test_recomputation_gives_the_same_losses_and_gradients_with_fewer_saved_activations(flags, single_rank):
+    def step(extra):
+        config = parse_args(["--model-preset", "tiny", "--seq-length", "32", "--vocab-size", "512"] + extra)
+        arch = config.model.architecture()
+        torch.manual_seed(5)
+        model_parallel_cuda_manual_seed(5)
+        model = build_gpt_model(arch, transformer_config(arch, **model_settings(config)), tst=True)
+        tokens = torch.randint(0, 512, (2, 32, 3), generator=torch.Generator().manual_seed(1))  # bags, s = 3
+        labels = torch.randint(0, 512, (2, 32, 3), generator=torch.Generator().manual_seed(2))
+        saved = {}
+
+        def pack(tensor):  # what autograd keeps for backward: the activation memory
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(tokens, torch.arange(32).expand(2, 32), None, labels=labels).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved.values())
+
+    plain_loss, plain_grads, plain_bytes = step([])
+    loss, grads, saved_bytes = step(flags)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(grads[name], plain_grads[name]) for name in plain_grads)
+    assert saved_bytes < plain_bytes
+
+
+def test_bad_recompute_flags_are_one_line_errors():
+    for flags, message in ((["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method"),
+                           (["--recompute-method", "block"], "--recompute-method/--recompute-num-layers need"),
+                           (["--recompute-granularity", "some"], "--recompute-granularity some is not supported")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + flags)
