@@ -27,38 +27,85 @@ def _help(text, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+def _refused(reason, **kwargs):
+    """A Megatron-LM flag that parses (so a recipe can be checked anywhere) and is refused in one
+    line when given: ``validate`` raises "--flag: reason"."""
+    return field(metadata={"help": f"refused: {reason}", "refused": reason}, **kwargs)
+
+
+def _no_op(why, **kwargs):
+    return field(metadata={"help": f"accepted, no effect: {why}"}, **kwargs)
+
+
 @dataclass
 class ModelOptions:
-    model_preset: str | None = _help(f"named shape: {', '.join(PRESETS)}", default=None)
+    model_preset: str | None = _help(f"named shape: {', '.join(PRESETS)} (the paper's Llama/Qwen3 "
+                                     "models); without it the model is Megatron-LM's GPT unless flags say "
+                                     "otherwise", default=None)
     num_layers: int | None = _help("transformer layers", default=None)
     hidden_size: int | None = _help("hidden size", default=None)
-    ffn_hidden_size: int | None = _help("SwiGLU inner size", default=None)
+    ffn_hidden_size: int | None = _help("MLP inner size (default as Megatron-LM: 4 x hidden, with --swiglu "
+                                        "2/3 of that rounded down to a multiple of 64)", default=None)
     num_attention_heads: int | None = _help("attention heads", default=None)
-    num_query_groups: int | None = _help("key/value heads (grouped-query attention)", default=None)
-    kv_channels: int | None = _help("head dimension", default=None)
+    group_query_attention: bool = _help("grouped-query attention with --num-query-groups groups "
+                                        "(Megatron-LM's default 1 group if not given)", default=False)
+    num_query_groups: int | None = _help("key/value heads; given alone it also means grouped-query attention",
+                                         default=None)
+    kv_channels: int | None = _help("head dimension (default hidden / heads)", default=None)
     vocab_size: int | None = _help("vocabulary size (default: the tokenizer's)", default=None)
     seq_length: int = _help("latent positions per sample (the model's sequence length)", default=1024)
     max_position_embeddings: int | None = _help("defaults to --seq-length", default=None)
-    rotary_base: int | None = _help("RoPE base", default=None)
-    norm_epsilon: float | None = _help("RMSNorm epsilon", default=None)
+    position_embedding_type: str | None = _help("learned_absolute (Megatron-LM's default) or rope "
+                                                "(the presets')", default=None)
+    no_position_embedding: bool = _help("Megatron-LM's deprecated switch: no learned position table; "
+                                        "accepted with rope positions only, as there", default=False)
+    rotary_base: int | None = _help("RoPE base (default 10000 as Megatron-LM; the preset's)", default=None)
+    rotary_percent: float | None = _help("fraction of each head's dimensions that RoPE rotates (default 1.0)",
+                                         default=None)
+    normalization: str | None = _help("LayerNorm (Megatron-LM's default) or RMSNorm (the presets')", default=None)
+    apply_layernorm_1p: bool = _help("zero-centred norm weights (weight + 1; needs Transformer Engine)",
+                                     default=False)
+    norm_epsilon: float | None = _help("LayerNorm/RMSNorm epsilon (default 1e-5)", default=None)
+    swiglu: bool = _help("SwiGLU MLP instead of GeLU (presets are SwiGLU)", default=False)
+    disable_bias_linear: bool = _help("no biases in the linear layers (presets have none)", default=False)
     untie_embeddings_and_output_weights: bool = _help("separate input embedding and output head "
                                                       "(the paper's models; presets are untied)", default=False)
     tie_embeddings_and_output_weights: bool = _help("share the input embedding with the output head (ours: "
                                                     "ties a preset; without a preset tied is the default)",
                                                     default=False)
-    normalization: str = _help("only RMSNorm is supported", default="RMSNorm")
-    swiglu: bool = _help("SwiGLU MLP (always on; accepted for Megatron compatibility)", default=False)
-    position_embedding_type: str = _help("only rope is supported", default="rope")
+    attention_dropout: float | None = _help("attention dropout (default 0.1 as Megatron-LM; presets 0)",
+                                            default=None)
+    hidden_dropout: float | None = _help("hidden-state dropout (default 0.1 as Megatron-LM; presets 0)",
+                                         default=None)
     num_experts: int | None = _help("MoE experts per layer", default=None)
     moe_router_topk: int | None = _help("experts per token", default=None)
     moe_ffn_hidden_size: int | None = _help("expert inner size", default=None)
     moe_aux_loss_coeff: float | None = _help("load-balancing loss weight", default=None)
+    moe_router_load_balancing_type: str = _help("aux_loss, seq_aux_loss, global_aux_loss, sinkhorn or none",
+                                                default="aux_loss")
+    moe_grouped_gemm: bool = _help("grouped GEMM for the experts (needs Transformer Engine; on by "
+                                   "default with it)", default=False)
     moe_token_dispatcher_type: str = _help("alltoall or allgather", default="alltoall")
     qk_layernorm: bool = _help("RMSNorm on queries and keys (Qwen3)", default=False)
     init_method_std: float | None = _help("weight init standard deviation", default=None)
+    recompute_granularity: str | None = _help("activation recomputation: selective (attention scores) or full "
+                                              "(whole layers, with --recompute-method)", default=None)
+    recompute_method: str | None = _help("with full recomputation: uniform (every --recompute-num-layers layers "
+                                         "one unit) or block (the first --recompute-num-layers layers)", default=None)
+    recompute_num_layers: int | None = _help("layers per recomputed unit (uniform) or recomputed (block)",
+                                             default=None)
+    use_mcore_models: bool = _no_op("models are always megatron-core's", default=False)
+    calculate_per_token_loss: bool = _no_op("the loss is always the mean over the global batch's tokens",
+                                            default=False)
     transformer_impl: str | None = _help("local or transformer_engine (default: TE when usable)", default=None)
     fp8_format: str | None = _help("e4m3 or hybrid (Transformer Engine)", default=None)
     fp8_recipe: str = _help("delayed, tensorwise, blockwise, mxfp8", default="delayed")
+    fp8_amax_history_len: int | None = _help("delayed scaling: amax history length (with --fp8-format)",
+                                             default=None)
+    fp8_amax_compute_algo: str | None = _help("delayed scaling: most_recent or max (with --fp8-format)",
+                                              default=None)
+    fp8_param_gather: bool = _help("keep parameters in FP8 and all-gather them in FP8 (with --fp8-format)",
+                                   default=False)
     bf16: bool = _help("bf16 parameters and compute, fp32 master weights", default=False)
     # Megatron-LM's fusions, on by default with Transformer Engine (see ``fusion_settings``)
     no_gradient_accumulation_fusion: bool = _help("do not fuse weight-gradient accumulation into the GEMM",
@@ -75,29 +122,54 @@ class ModelOptions:
     cross_entropy_fusion_impl: str = _help("native (megatron-core's torch.compile kernel) or te (Transformer "
                                            "Engine's)", default="native")
 
-    def architecture(self) -> GPTArchitecture:
+    def architecture(self, vocab_size: int | None = None) -> GPTArchitecture:
+        """The model the flags describe: the preset's shape with the flags' changes, or, without a
+        preset, Megatron-LM's GPT with its defaults. ``vocab_size`` (the tokenizer's) replaces the
+        preset's; --vocab-size wins over both."""
         base = preset(self.model_preset) if self.model_preset else None
         shape_fields = {f.name for f in dataclasses.fields(GPTArchitecture)}
-        switches = ("untie_embeddings_and_output_weights", "qk_layernorm")  # a switch left out keeps the preset's
+        switches = ("untie_embeddings_and_output_weights", "qk_layernorm", "swiglu", "apply_layernorm_1p")
         given = {k: v for k, v in dataclasses.asdict(self).items()
                  if k in shape_fields and v is not None and k not in switches}
+        if vocab_size is not None and self.vocab_size is None:
+            given["vocab_size"] = vocab_size
         if self.untie_embeddings_and_output_weights and self.tie_embeddings_and_output_weights:
             raise ValueError("--untie-embeddings-and-output-weights and --tie-embeddings-and-output-weights "
                              "contradict each other; give one")
         if self.untie_embeddings_and_output_weights or self.tie_embeddings_and_output_weights:
             given["untie_embeddings_and_output_weights"] = self.untie_embeddings_and_output_weights
-        if self.qk_layernorm:
-            given["qk_layernorm"] = True
+        for switch in ("qk_layernorm", "swiglu", "apply_layernorm_1p"):  # a switch left out keeps the preset's
+            if getattr(self, switch):
+                given[switch] = True
+        if self.disable_bias_linear:
+            given["add_bias_linear"] = False
         if base is not None:
-            return dataclasses.replace(base, **given)
-        required = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
-        missing = [f"--{name.replace('_', '-')}" for name in required if name not in given]
-        if missing:
-            raise ValueError(f"model shape incomplete: give --model-preset or {' '.join(missing)}")
-        given.setdefault("num_query_groups", given["num_attention_heads"])
-        given.setdefault("max_position_embeddings", self.seq_length)
-        given.setdefault("untie_embeddings_and_output_weights", False)
-        return GPTArchitecture(**given)
+            arch = dataclasses.replace(base, **given)
+        else:
+            required = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
+            missing = [f"--{name.replace('_', '-')}" for name in required if name not in given]
+            if missing:
+                raise ValueError(f"model shape incomplete: give --model-preset or {' '.join(missing)}")
+            hidden = given["hidden_size"]
+            swiglu = given.get("swiglu", False)
+            arch = GPTArchitecture(**{  # Megatron-LM's defaults
+                "ffn_hidden_size": int(4 * hidden * 2 / 3 / 64) * 64 if swiglu else 4 * hidden,
+                "num_query_groups": 1 if self.group_query_attention else given["num_attention_heads"],
+                "max_position_embeddings": self.seq_length, "rotary_base": 10000, "norm_epsilon": 1e-5,
+                "untie_embeddings_and_output_weights": False, "normalization": "LayerNorm", "swiglu": False,
+                "position_embedding_type": "learned_absolute", "add_bias_linear": True, **given})
+        if arch.num_experts and arch.moe_ffn_hidden_size is None:  # Megatron-LM's default
+            arch = dataclasses.replace(arch, moe_ffn_hidden_size=arch.ffn_hidden_size)
+        if self.no_position_embedding and arch.position_embedding_type != "rope":
+            raise ValueError("--no-position-embedding (no learned position table) needs --position-embedding-type "
+                             "rope, as in Megatron-LM; give it, or drop --no-position-embedding")
+        return arch
+
+    def dropouts(self) -> dict:
+        """TransformerConfig's dropout fields: as given, else the presets' 0, Megatron-LM's 0.1 without one."""
+        default = 0.0 if self.model_preset else 0.1
+        return dict(hidden_dropout=default if self.hidden_dropout is None else self.hidden_dropout,
+                    attention_dropout=default if self.attention_dropout is None else self.attention_dropout)
 
 
 @dataclass
@@ -107,7 +179,8 @@ class ParallelOptions:
     virtual_pipeline_model_parallel_size: int | None = _help("model chunks per PP stage", default=None)
     expert_model_parallel_size: int = _help("EP ranks", default=1)
     context_parallel_size: int = _help("CP ranks (needs Transformer Engine)", default=1)
-    sequence_parallel: bool = _help("sequence parallelism (with TP)", default=False)
+    sequence_parallel: bool = _help("sequence parallelism (no effect at --tensor-model-parallel-size 1, as "
+                                    "Megatron-LM)", default=False)
     use_distributed_optimizer: bool = _help("shard optimizer state over data-parallel ranks", default=False)
     distributed_timeout_minutes: float = _help("how long a collective (or a wait for another rank) may "
                                                "take before the job fails", default=10)
@@ -117,6 +190,10 @@ class ParallelOptions:
     overlap_param_gather: bool = _help("overlap the distributed optimizer's parameter all-gather with the "
                                        "next forward (default on with Transformer Engine on a GPU)", default=False)
     no_overlap_param_gather: bool = _help("turn the default --overlap-param-gather off", default=False)
+
+    def sequence_parallel_enabled(self) -> bool:
+        # Megatron-LM turns it off at TP=1 (its recipes pass it with any TP size)
+        return self.sequence_parallel and self.tensor_model_parallel_size > 1
 
 
 @dataclass
@@ -137,6 +214,32 @@ class TrainingOptions:
     adam_eps: float = _help("AdamW epsilon", default=1e-8)
     clip_grad: float = _help("gradient-norm clip (0: off)", default=1.0)
     seed: int = _help("random seed (weights, data order)", default=1234)
+    train_samples: int | None = _help("samples of the whole run instead of --train-iters, as Megatron-LM: "
+                                      "iterations = samples // --global-batch-size, and the LR schedule counts "
+                                      "samples; the TST switch stays r x the iterations", default=None)
+    lr_warmup_samples: int | None = _help("warm-up samples (with --train-samples)", default=None)
+    lr_decay_samples: int | None = _help("decay samples (with --train-samples; default all)", default=None)
+    lr_wsd_decay_samples: int | None = _help("WSD decay samples (with --train-samples; default 10%% of them)",
+                                             default=None)
+    lr_warmup_fraction: float | None = _help("warm-up as a fraction of the decay steps (instead of "
+                                             "--lr-warmup-iters/--lr-warmup-samples)", default=None)
+    rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
+                                       "--global-batch-size", default_factory=list)
+    fp16: bool = _refused("fp16 with loss scaling is not supported yet; use --bf16", default=False)
+    decoupled_lr: float | None = _refused("a separate embedding/output learning rate is not supported yet; "
+                                          "drop it (--lr applies to every parameter)", default=None)
+    decoupled_min_lr: float | None = _refused("a separate embedding/output learning rate is not supported "
+                                              "yet; drop it", default=None)
+    grad_reduce_in_bf16: bool = _help("reduce gradients in bf16 (with --bf16; default fp32)", default=False)
+    exit_duration_in_mins: float | None = _help("save and stop every rank after the step that ends this many "
+                                                "minutes after the job started (the same command resumes)",
+                                                default=None)
+    manual_gc: bool = _help("Python's garbage collector only at --manual-gc-interval steps and around "
+                            "validation (the same moment on every rank), as Megatron-LM", default=False)
+    manual_gc_interval: int = _help("steps between collections with --manual-gc (0: only around validation)",
+                                    default=0)
+    empty_unused_memory_level: int = _help("CUDA: 1 empties the allocator's cache after each step, 2 also "
+                                           "after validation (no effect without CUDA)", default=0)
 
 
 @dataclass
@@ -148,6 +251,18 @@ class DataOptions:
     eod_mask_loss: bool = _help("do not train on the token that follows an EOD", default=False)
     allow_data_repetition: bool = _help("let a phase read its documents more than once", default=False)
     data_cache_path: str | None = _help("where dataset indices are cached", default=None)
+    mock_data: bool = _refused("synthetic data is not supported yet; give --data-path", default=False)
+    vocab_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
+                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
+    merge_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
+                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
+    tiktoken_pattern: str | None = _refused("TikTokenizer is not supported; drop it", default=None)
+    no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
+                                                          "attention builds the causal mask)", default=False)
+    no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
+                                       default=False)
+    num_workers: int | None = _refused("not supported yet: samples are read in the training process; drop it",
+                                       default=None)
 
 
 @dataclass
@@ -158,6 +273,11 @@ class CheckpointOptions:
     exit_interval: int | None = _help("save and exit after an iteration that is a multiple of N", default=None)
     exit_at_phase_switch: bool = _help("save and exit when TST phase 1 ends (the launcher's phase-1 job)",
                                        default=False)
+    ckpt_format: str = _help("torch_dist (the only format)", default="torch_dist")
+    no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
+    no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
+    finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "
+                           "RNG and data position); the same command later resumes from --save", default=False)
 
 
 @dataclass
@@ -167,6 +287,15 @@ class LoggingOptions:
     eval_iters: int = _help("validation micro-batches per data-parallel rank", default=10)
     tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
     peak_flops: float | None = _help("peak FLOP/s per device, for MFU", default=None)
+    log_throughput: bool = _help("log model TFLOP/s per GPU (tokens/s are always logged)", default=False)
+    profile: bool = _refused("not supported yet; drop it", default=False)
+    profile_step_start: int | None = _refused("not supported yet (see --profile); drop it", default=None)
+    profile_step_end: int | None = _refused("not supported yet (see --profile); drop it", default=None)
+    wandb_project: str | None = _refused("Weights & Biases logging is not supported yet; use --tensorboard-dir",
+                                         default=None)
+    wandb_exp_name: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
+    wandb_save_dir: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
+    wandb_entity: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
 
 
 @dataclass
@@ -232,8 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> PretrainConfig:
+def _iterations_from_samples(namespace: dict) -> None:
+    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, no ramp-up)."""
+    if namespace["train_samples"] is None:
+        return
+    if namespace["train_iters"] is not None:
+        raise ValueError("--train-samples and --train-iters contradict each other; give one")
+    if namespace["global_batch_size"] is None:
+        raise ValueError("--train-samples needs --global-batch-size (iterations = samples // global batch size)")
+    namespace["train_iters"] = namespace["train_samples"] // namespace["global_batch_size"]
+
+
+def parse_args(argv=None, check: bool = True) -> PretrainConfig:
+    """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
+    _iterations_from_samples(namespace)
     hints = typing.get_type_hints(PretrainConfig)
     groups = {}
     for group_field in dataclasses.fields(PretrainConfig):
@@ -243,11 +385,15 @@ def parse_args(argv=None) -> PretrainConfig:
         values = {k: v for k, v in values.items() if not (v is False)}
         groups[group_field.name] = group_type(**values)
     config = PretrainConfig(**groups)
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
@@ -314,24 +460,79 @@ def check_fp8(fp8_format: str | None, fp8_recipe: str, transformer_impl: str,
                          f"this one is {capability[0]}.{capability[1]}: use --fp8-recipe delayed or tensorwise")
 
 
-def check_environment(config: PretrainConfig) -> None:
-    """What this machine cannot run (layer implementation, FP8, sequence parallelism), refused in
-    one line before any process group exists. Separate from ``validate`` so that a recipe's flags
-    can be checked on a machine other than the one that runs it."""
+def environment_problems(config: PretrainConfig) -> list[str]:
+    """What this machine cannot run, one line each, led by the flag concerned."""
     model, par = config.model, config.parallel
     impl = resolved_transformer_impl(model)
+    problems = []
     if impl == "transformer_engine" and not transformer_engine_available():
-        raise ValueError("--transformer-impl transformer_engine needs Transformer Engine, which is not installed; "
-                         "install it (pip install 'megatron_tst[te]' on a CUDA machine) or use --transformer-impl local")
-    if impl == "local" and par.sequence_parallel:
-        raise ValueError("--sequence-parallel needs Transformer Engine's layers: megatron-core's local spec "
-                         "(torch RMSNorm) cannot run it; install Transformer Engine or drop --sequence-parallel")
-    if impl == "local" and not transformer_engine_available() and importlib.util.find_spec("apex") is not None:
-        raise ValueError("Apex is installed without Transformer Engine: megatron-core's local spec then builds "
-                         "Apex's FusedLayerNorm, which has no RMSNorm; install Transformer Engine or uninstall apex")
-    check_attention_backend(config)
+        problems.append("--transformer-impl transformer_engine needs Transformer Engine, which is not installed; "
+                        "install it (pip install 'megatron_tst[te]' on a CUDA machine) or use --transformer-impl local")
+    if impl == "local" and par.sequence_parallel_enabled():
+        problems.append("--sequence-parallel needs Transformer Engine's layers: megatron-core's local spec "
+                        "(torch norms) cannot run it; install Transformer Engine or drop --sequence-parallel")
+    if impl == "local" and model.apply_layernorm_1p:
+        problems.append("--apply-layernorm-1p needs Transformer Engine's norms (megatron-core's torch norms have "
+                        "no zero-centred weights); install Transformer Engine or drop --apply-layernorm-1p")
+    if impl == "local" and model.moe_grouped_gemm:
+        problems.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM; install Transformer Engine "
+                        "or drop --moe-grouped-gemm")
+    if (impl == "local" and not transformer_engine_available() and importlib.util.find_spec("apex") is not None
+            and model.architecture(vocab_size=1).normalization == "RMSNorm"):
+        problems.append("Apex is installed without Transformer Engine: megatron-core's local spec then builds "
+                        "Apex's FusedLayerNorm, which has no RMSNorm; install Transformer Engine or uninstall apex")
+    try:
+        check_attention_backend(config)
+    except ValueError as error:
+        problems.append(str(error))
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+    try:
+        check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+    except ValueError as error:
+        problems.append(str(error))
+    return problems
+
+
+def check_environment(config: PretrainConfig) -> None:
+    """What this machine cannot run (layer implementation, FP8, sequence parallelism, ...), refused
+    in one line before any process group exists. Separate from ``validate`` so that a recipe's flags
+    can be checked on a machine other than the one that runs it."""
+    problems = environment_problems(config)
+    if problems:
+        raise ValueError(problems[0])
+
+
+def refused_flags(config: PretrainConfig) -> list[str]:
+    """"--flag: reason" for each given flag that is refused (declared with ``_refused``)."""
+    refused = []
+    for group in dataclasses.fields(PretrainConfig):
+        options = getattr(config, group.name)
+        for option in dataclasses.fields(options):
+            reason = option.metadata.get("refused")
+            if reason and getattr(options, option.name) not in (None, False, []):
+                refused.append(f"{_flag(option.name)}: {reason}")
+    return refused
+
+
+def model_settings(config: PretrainConfig) -> dict:
+    """TransformerConfig fields of the model flags that are not the model's shape: dropouts, MoE
+    routing, FP8 scaling."""
+    model = config.model
+    settings = model.dropouts()
+    if model.num_experts or (model.model_preset and preset(model.model_preset).num_experts):
+        settings["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
+    if model.moe_grouped_gemm:
+        settings["moe_grouped_gemm"] = True
+    if model.fp8_amax_history_len is not None:
+        settings["fp8_amax_history_len"] = model.fp8_amax_history_len
+    if model.fp8_amax_compute_algo is not None:
+        settings["fp8_amax_compute_algo"] = model.fp8_amax_compute_algo
+    if model.fp8_param_gather:
+        settings["fp8_param"] = True
+    if model.recompute_granularity:
+        settings.update(recompute_granularity=model.recompute_granularity, recompute_method=model.recompute_method,
+                        recompute_num_layers=model.recompute_num_layers)
+    return settings
 
 
 CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
@@ -363,6 +564,9 @@ def check_attention_backend(config: PretrainConfig) -> None:
 def validate(config: PretrainConfig) -> None:
     """One-line errors for settings that cannot work, before anything is built."""
     model, training, par = config.model, config.training, config.parallel
+    refused = refused_flags(config)
+    if refused:
+        raise ValueError(refused[0])
     if model.transformer_impl not in (None, "local", "transformer_engine"):
         raise ValueError(f"--transformer-impl {model.transformer_impl} is not one of local, transformer_engine")
     if model.fp8_format is not None and model.fp8_format not in FP8_FORMATS:
@@ -380,17 +584,50 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError("--overlap-param-gather and --no-overlap-param-gather contradict each other; give one")
     if par.overlap_param_gather and not par.use_distributed_optimizer:
         raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
-    if model.normalization != "RMSNorm":
-        raise ValueError(f"--normalization {model.normalization} is not supported; use RMSNorm")
-    if model.position_embedding_type != "rope":
-        raise ValueError(f"--position-embedding-type {model.position_embedding_type} is not supported; use rope")
+    for flag, value, allowed in (
+            ("--normalization", model.normalization, NORMALIZATIONS),
+            ("--position-embedding-type", model.position_embedding_type, POSITION_EMBEDDINGS),
+            ("--moe-router-load-balancing-type", model.moe_router_load_balancing_type, LOAD_BALANCING),
+            ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo, ("most_recent", "max")),
+            ("--ckpt-format", config.checkpoint.ckpt_format, ("torch_dist",))):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{flag} {value} is not supported; use {' or '.join(allowed)}")
+    for flag, given in (("--fp8-amax-history-len", model.fp8_amax_history_len is not None),
+                        ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo is not None),
+                        ("--fp8-param-gather", model.fp8_param_gather)):
+        if given and model.fp8_format is None:
+            raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    check_recompute(model)
+    if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
+        raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
+    for flag, value in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
+        if value is not None and not 0 <= value < 1:
+            raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if training.train_iters < 1:
         raise ValueError(f"--train-iters must be >= 1, got {training.train_iters}")
+    if training.grad_reduce_in_bf16 and not model.bf16:
+        raise ValueError("--grad-reduce-in-bf16 needs --bf16")
+    if training.empty_unused_memory_level not in (0, 1, 2):
+        raise ValueError(f"--empty-unused-memory-level must be 0, 1 or 2, got {training.empty_unused_memory_level}")
+    if training.exit_duration_in_mins is not None and training.exit_duration_in_mins <= 0:
+        raise ValueError(f"--exit-duration-in-mins must be > 0, got {training.exit_duration_in_mins}")
+    samples = training.train_samples is not None
+    for flag, given in (("--lr-warmup-iters", training.lr_warmup_iters), ("--lr-decay-iters", training.lr_decay_iters),
+                        ("--lr-wsd-decay-iters", training.lr_wsd_decay_iters)):
+        if samples and given:
+            raise ValueError(f"{flag} with --train-samples: give {flag.replace('iters', 'samples')} instead")
+    for flag, given in (("--lr-warmup-samples", training.lr_warmup_samples),
+                        ("--lr-decay-samples", training.lr_decay_samples),
+                        ("--lr-wsd-decay-samples", training.lr_wsd_decay_samples)):
+        if given is not None and not samples:
+            raise ValueError(f"{flag} needs --train-samples; give it, or {flag.replace('samples', 'iters')}")
+    if training.lr_warmup_fraction is not None and (training.lr_warmup_iters or training.lr_warmup_samples):
+        raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples contradict each other; give one")
     if training.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
         raise ValueError(f"--lr-decay-style {training.lr_decay_style} is not one of constant, linear, "
                          "cosine, inverse-square-root, WSD")
     config.tst.plan(training.train_iters)  # raises on a bad TST setting
-    arch = model.architecture()
+    arch = model.architecture(vocab_size=1)  # the tokenizer's size is known only once it is loaded
     if arch.max_position_embeddings < model.seq_length:
         raise ValueError(f"--seq-length {model.seq_length} exceeds --max-position-embeddings "
                          f"{arch.max_position_embeddings}")
@@ -401,12 +638,42 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError(f"--seq-length {model.seq_length} must divide by 2 x --context-parallel-size")
     if par.distributed_timeout_minutes <= 0:
         raise ValueError(f"--distributed-timeout-minutes must be > 0, got {par.distributed_timeout_minutes}")
-    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if arch.num_layers % par.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {arch.num_layers} does not divide into "
                          f"{par.pipeline_model_parallel_size} pipeline stages")
 
 
+def check_recompute(model: ModelOptions) -> None:
+    """Megatron-LM's recomputation flags, their combinations refused in one line (megatron-core asserts)."""
+    granularity, method, layers = model.recompute_granularity, model.recompute_method, model.recompute_num_layers
+    if granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity {granularity} is not supported; use full or selective")
+    if method not in (None, "uniform", "block"):
+        raise ValueError(f"--recompute-method {method} is not supported; use uniform or block")
+    if granularity != "full" and (method or layers is not None):
+        raise ValueError("--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    if granularity == "full" and (method is None or layers is None or layers < 1):
+        raise ValueError("--recompute-granularity full needs --recompute-method uniform|block and "
+                         "--recompute-num-layers N >= 1")
+
+
 def wsd_decay_iters(training: TrainingOptions) -> int:
     return training.lr_wsd_decay_iters or max(1, math.ceil(0.1 * training.train_iters))
+
+
+def lr_schedule(training: TrainingOptions) -> tuple[dict, int]:
+    """OptimizerParamScheduler's step counts, and how far each iteration advances it: counted in
+    iterations, or with --train-samples in samples as Megatron-LM (an iteration advances it by
+    --global-batch-size)."""
+    if training.train_samples is not None:
+        total, increment = training.train_samples, training.global_batch_size
+        decay = training.lr_decay_samples or total
+        warmup = training.lr_warmup_samples or 0
+        wsd = training.lr_wsd_decay_samples or max(1, math.ceil(0.1 * total))
+    else:
+        total, increment = training.train_iters, 1
+        decay = training.lr_decay_iters or total
+        warmup, wsd = training.lr_warmup_iters, wsd_decay_iters(training)
+    if training.lr_warmup_fraction is not None:
+        warmup = training.lr_warmup_fraction * decay
+    return dict(lr_warmup_steps=warmup, lr_decay_steps=decay, wsd_decay_steps=wsd, wd_incr_steps=total), increment

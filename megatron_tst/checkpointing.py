@@ -215,7 +215,7 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
 
 
 def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = None,
-         load_optimizer: bool = True) -> dict:
+         load_optimizer: bool = True, load_rng: bool = True) -> dict:
     """Load the newest (or the given) checkpoint into the model, optimizer and scheduler; returns
     ``{"iteration", "common", "run_config"}``. Collective."""
     iteration = latest_iteration(root) if iteration is None else iteration
@@ -242,7 +242,7 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
         scheduler.load_state_dict(loaded["scheduler"])
     world = dist.get_world_size() if dist.is_initialized() else 1
     rng_file = os.path.join(directory, "rng", f"rank_{_rank()}.pt")
-    if run_config.get("world_size") == world and os.path.isfile(rng_file):
+    if load_rng and run_config.get("world_size") == world and os.path.isfile(rng_file):
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["torch"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])

@@ -152,10 +152,21 @@ def _arch_fields(model: dict) -> dict:
     return dict(model, head_dim=head_dim)
 
 
+# What Llama, Qwen3 and Qwen3-MoE all are (run_configs written before these fields existed hold this)
+HF_FAMILY = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
+                 apply_layernorm_1p=False, rotary_percent=1.0)
+
+
 def pick_model_type(model: dict, requested: str = "auto") -> str:
     """auto: qwen3_moe with experts, qwen3 with QK-norm, llama otherwise; refuse what cannot be expressed."""
     if requested not in ("auto",) + MODEL_TYPES:
         raise ConversionError(f"unknown --model-type {requested!r}; choose auto, {', '.join(MODEL_TYPES)}")
+    for key, value in HF_FAMILY.items():
+        if model.get(key, value) != value:
+            raise ConversionError(
+                f"{key}: the checkpoint has {key}={model[key]!r}, which {', '.join(MODEL_TYPES)} cannot express "
+                f"(they have {value!r}); only a model trained with RMSNorm, --swiglu, rope positions, "
+                "--disable-bias-linear and without --apply-layernorm-1p or --rotary-percent exports")
     moe, qk_norm = bool(model.get("num_experts")), bool(model.get("qk_layernorm"))
     if requested == "auto":
         requested = "qwen3_moe" if moe else "qwen3" if qk_norm else "llama"

@@ -131,7 +131,19 @@ def superposition_finished(directory: str, switch_iter: int) -> bool:
     return checkpointing.latest_iteration(directory) == switch_iter
 
 
+def within_budget(argv: list[str], minutes: float | None, started: float) -> list[str] | None:
+    """``argv`` with --exit-duration-in-mins cut to what is left of the launcher's budget (a
+    scheduler's wall-clock limit covers both phases and the conversion), None when none is left."""
+    if not minutes:
+        return argv
+    left = minutes - (time.time() - started) / 60
+    if left <= 0:
+        return None
+    return without_flags(argv, ("--exit-duration-in-mins",)) + ["--exit-duration-in-mins", repr(left)]
+
+
 def main(argv=None) -> int:
+    started = time.time()
     launch, pretrain_argv = launcher_parser().parse_known_args(argv)
     try:
         config = parse_args(pretrain_argv)  # validate everything before any job starts
@@ -187,8 +199,13 @@ def main(argv=None) -> int:
     if mismatch:  # the recovery job runs without the TST flags, so it cannot see this itself
         print(f"error: {mismatch}", file=sys.stderr, flush=True)
         return 1
-    recovery_argv = without_flags(common, ("--tst-bag-size", "--tst-ratio", "--tst-iters",
-                                           "--tst-loss-weighting", "--tst-mode")) + ["--save", phase2]
+    recovery_argv = within_budget(without_flags(common, ("--tst-bag-size", "--tst-ratio", "--tst-iters",
+                                                         "--tst-loss-weighting", "--tst-mode")) + ["--save", phase2],
+                                  config.training.exit_duration_in_mins, started)
+    if recovery_argv is None:
+        print("[launch] --exit-duration-in-mins is spent before the recovery job; run the same command to resume",
+              flush=True)
+        return 0
     code = run_job(launch, recovery_argv, f"phase 2: next-token recovery to iteration {plan.total_iters}")
     return export_hf(launch, code, phase2, plan.total_iters)
 

@@ -25,6 +25,8 @@ def model_flops_per_position(arch, seq_length: int) -> float:
     counts = arch.parameter_counts()
     # the output head is a matmul whether or not it shares its table with the input embedding
     lookup_table = arch.vocab_size * arch.hidden_size if arch.untie_embeddings_and_output_weights else 0
+    if arch.position_embedding_type == "learned_absolute":  # a lookup too
+        lookup_table += arch.max_position_embeddings * arch.hidden_size
     matmul_weights = counts["active"] - lookup_table
     attention = 4 * seq_length * arch.num_attention_heads * arch.head_dim * arch.num_layers
     return 2 * matmul_weights + attention
@@ -39,8 +41,10 @@ def _logged_by(line: str, iteration: int) -> bool:
 
 
 class MetricsLogger:
-    def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool = True):
+    def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool = True,
+                 throughput: bool = False):
         self.enabled = enabled
+        self.throughput = throughput  # --log-throughput: model TFLOP/s per GPU, as Megatron-LM
         self.path = os.path.join(save_dir, "metrics.jsonl") if (save_dir and enabled) else None
         self.raw_tokens = self.positions = self.flops = 0
         self.history: list[float] = []
@@ -103,9 +107,13 @@ class MetricsLogger:
             "step_time_s": elapsed / len(times),
             "mfu": sum(window_flops) / elapsed / (peak_flops * world_size) if peak_flops and elapsed else None,
         }
+        if self.throughput:
+            record["tflops_per_gpu"] = sum(window_flops) / elapsed / world_size / 1e12 if elapsed else None
         self._write(record)
         kl = f" (KL-scale {record['loss_minus_target_entropy']:.4f})" if superposition else ""
         mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+        if record.get("tflops_per_gpu") is not None:
+            mfu += f" | {record['tflops_per_gpu']:.3f} TFLOP/s/GPU"
         grad = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
         print(f" iteration {iteration:8d} | {phase:13s} | loss {mean_loss:.4f}{kl} | lr {lr:.3e} | "
               f"grad norm {grad} | tokens {self.raw_tokens:,} | "

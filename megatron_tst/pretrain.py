@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import signal
@@ -32,13 +33,13 @@ from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
 from megatron_tst import checkpointing, device, orphan, parallel, preflight
 from megatron_tst.arguments import (
-    PretrainConfig, check_environment, fusion_settings, overlap_settings, parse_args, resolved_transformer_impl,
-    torch_fusion_settings, wsd_decay_iters,
+    PretrainConfig, check_environment, fusion_settings, lr_schedule, model_settings, overlap_settings, parse_args,
+    resolved_transformer_impl, torch_fusion_settings,
 )
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
-from megatron_tst.models import build_gpt_model, padded_vocab_size, transformer_config
+from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
 from megatron_tst.optimizer import ForeachNormChainedOptimizer, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
@@ -56,7 +57,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         context_parallel_size=par.context_parallel_size,
-        sequence_parallel=par.sequence_parallel,
+        sequence_parallel=par.sequence_parallel_enabled(),
         bf16=config.model.bf16,
         transformer_impl=resolved_transformer_impl(config.model),
         fp8_format=config.model.fp8_format,
@@ -64,7 +65,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
-        **fusion_settings(config), **torch_fusion_settings(config),
+        **fusion_settings(config), **torch_fusion_settings(config), **model_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -81,7 +82,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         expert_weights_in_expert_optimizer(chunk)
     overlap = overlap_settings(config)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
+        grad_reduce_in_fp32=not config.training.grad_reduce_in_bf16, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
     )
@@ -116,7 +117,6 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
 
 
 def build_optimizer(config: PretrainConfig, chunks, model_config):
-    training = config.training
     # torch's fused AdamW and a one-read gradient norm where TE/Apex are absent (megatron_tst/optimizer.py)
     optimizer = ForeachNormChainedOptimizer.wrap(megatron_optimizer(config, chunks, model_config))
     use_fused_adamw(optimizer)
@@ -127,12 +127,9 @@ def build_scheduler(config: PretrainConfig, optimizer):
     training = config.training
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=training.lr, min_lr=training.min_lr,
-        lr_warmup_steps=training.lr_warmup_iters,
-        lr_decay_steps=training.lr_decay_iters or training.train_iters,
         lr_decay_style=training.lr_decay_style,
-        start_wd=training.weight_decay, end_wd=training.weight_decay,
-        wd_incr_steps=training.train_iters, wd_incr_style="constant",
-        wsd_decay_steps=wsd_decay_iters(training), lr_wsd_decay_style=training.lr_wsd_decay_style,
+        start_wd=training.weight_decay, end_wd=training.weight_decay, wd_incr_style="constant",
+        lr_wsd_decay_style=training.lr_wsd_decay_style, **lr_schedule(training)[0],
     )
 
 
@@ -194,10 +191,14 @@ def run_step(chunks, data_iterators, num_microbatches, config: PretrainConfig, f
 
 
 class StopFlags:
-    """SIGTERM / Ctrl-C ask for a checkpoint and a clean exit at the end of the current step."""
+    """SIGTERM / Ctrl-C, or the end of --exit-duration-in-mins (counted from ``deadline``'s start, on
+    each rank's clock), ask for a checkpoint and a clean exit at the end of the current step."""
 
-    def __init__(self):
+    REASONS = ("signal", "exit duration")
+
+    def __init__(self, deadline: float | None = None):
         self.requested = False
+        self.deadline = deadline
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
@@ -205,12 +206,17 @@ class StopFlags:
         self.requested = True
 
     def agreed(self) -> torch.Tensor:
-        """1 on every rank when any rank was asked to stop, as a device tensor (read with the step's
-        loss, in the step's one host synchronisation)."""
-        flag = device.zeros(1, dtype=torch.float64).fill_(1.0 if self.requested else 0.0)
+        """Per reason, 1 on every rank when it holds on any rank, as a device tensor (read with the
+        step's loss, in the step's one host synchronisation)."""
+        time_up = self.deadline is not None and time.time() >= self.deadline
+        flags = torch.tensor([float(self.requested), float(time_up)], dtype=torch.float64, device=device.current())
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    @classmethod
+    def reason(cls, flags: list[float]) -> str | None:
+        return next((why for why, flag in zip(cls.REASONS, flags) if flag), None)
 
 
 def tokenizer_info(config: PretrainConfig):
@@ -239,8 +245,73 @@ def data_state_matches(saved: dict, current: dict) -> str | None:
     return None
 
 
-def pretrain(config: PretrainConfig) -> dict:
-    training, par, ckpt = config.training, config.parallel, config.checkpoint
+@dataclasses.dataclass
+class Run:
+    """What ``setup`` builds and ``resume`` and ``train`` carry on (Megatron-LM's
+    setup_model_and_optimizer / train split)."""
+
+    config: PretrainConfig
+    plan: TSTPlan | None
+    arch: GPTArchitecture
+    chunks: list
+    model_config: object
+    optimizer: object
+    scheduler: object
+    metrics: MetricsLogger
+    vocab_size: int
+    eod: int
+    global_batch: int
+    num_microbatches: int
+    dp_rank: int
+    dp_size: int
+    data_files: dict
+    tokenizer: dict
+    iteration: int = 0
+    consumed: dict = dataclasses.field(default_factory=dict)  # samples read per phase
+    data_plan: TSTPlan | None = None  # the plan the data follows (a recovery job keeps phase 1's)
+    data: TSTData | None = None
+    started: float = dataclasses.field(default_factory=time.time)  # --exit-duration-in-mins counts from here
+
+    @property
+    def modules(self):
+        return unwrap_model(self.chunks)  # the bare models (no DDP, no Float16Module): checkpoints hold their keys
+
+    def data_identity(self) -> dict:
+        """What a resume must find unchanged: corpus files and tokenizer by content, not by path alone."""
+        config, data_plan = self.config, self.data_plan
+        return dict(data_path=list(config.data.data_path), split=config.data.split, seed=config.training.seed,
+                    seq_length=config.model.seq_length, global_batch_size=self.global_batch,
+                    train_iters=config.training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
+                    data_files=self.data_files, tokenizer=self.tokenizer,
+                    tst=dict(bag_size=data_plan.bag_size, switch_iter=data_plan.switch_iter,
+                             total_iters=data_plan.total_iters, mode=data_plan.mode,
+                             loss_weighting=data_plan.loss_weighting) if data_plan else None)
+
+    def run_config(self) -> dict:
+        config, arch = self.config, self.arch
+        return dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(self.plan) if self.plan else None,
+                    parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
+                        arch.vocab_size, config.parallel.tensor_model_parallel_size),
+                    tokenizer=dict(type=config.data.tokenizer_type,  # for the HF export
+                                   model=os.path.abspath(config.data.tokenizer_model)
+                                   if config.data.tokenizer_model else None))
+
+    def save(self, at_iteration: int) -> None:
+        save_dir, plan = self.config.checkpoint.save, self.plan
+        if save_dir:
+            common = dict(consumed_samples=dict(self.consumed), data_identity=self.data_identity(),
+                          metrics=self.metrics.totals(),
+                          tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
+                                         phase=self.data.phase_of(at_iteration)) if plan else None)
+            with parameters_in_sync(self.chunks):
+                checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
+                                   self.run_config())
+
+
+def setup(config: PretrainConfig) -> Run:
+    """Process groups, model chunks, optimizer and scheduler, wired for megatron-core's schedules."""
+    started = time.time()
+    training, par = config.training, config.parallel
     preflight.check(config)  # every rank, before any collective: no rank fails alone later
     parallel.initialize(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -256,11 +327,10 @@ def pretrain(config: PretrainConfig) -> dict:
     if global_batch % (training.micro_batch_size * dp_size):
         raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
                          f"{training.micro_batch_size} x data-parallel size {dp_size}")
-    num_microbatches = global_batch // (training.micro_batch_size * dp_size)
 
     plan = config.tst.plan(training.train_iters)
     vocab_size, eod = tokenizer_info(config)
-    arch = dataclasses.replace(config.model.architecture(), vocab_size=config.model.vocab_size or vocab_size)
+    arch = config.model.architecture(vocab_size=vocab_size)
     chunks, model_config = build_model(config, arch, plan)
     optimizer, scheduler = build_optimizer(config, chunks, model_config)
     model_config.no_sync_func = one_or_list([chunk.no_sync for chunk in chunks])
@@ -271,146 +341,186 @@ def pretrain(config: PretrainConfig) -> dict:
     model_config.grad_scale_func = optimizer.scale_loss
     model_config.finalize_model_grads_func = finalize_model_grads
 
-    # a resume must see the same corpus files and tokenizer (by content, not by path alone)
-    data_files = dataset_files_identity(config.data.data_path)
-    tokenizer = tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod)
-
-    def data_identity(data_plan):
-        return dict(data_path=list(config.data.data_path), split=config.data.split, seed=training.seed,
-                    seq_length=config.model.seq_length, global_batch_size=global_batch,
-                    train_iters=training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
-                    data_files=data_files, tokenizer=tokenizer,
-                    tst=dict(bag_size=data_plan.bag_size, switch_iter=data_plan.switch_iter,
-                             total_iters=data_plan.total_iters, mode=data_plan.mode,
-                             loss_weighting=data_plan.loss_weighting) if data_plan else None)
-
     is_logger = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-    metrics = MetricsLogger(ckpt.save, config.logging.tensorboard_dir, enabled=is_logger)
-    modules = unwrap_model(chunks)  # the bare models (no DDP, no Float16Module): checkpoints hold their keys
-    iteration, consumed, data_plan = 0, {}, plan
+    return Run(config=config, started=started, plan=plan, data_plan=plan, arch=arch, chunks=chunks, model_config=model_config,
+               optimizer=optimizer, scheduler=scheduler,
+               metrics=MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, enabled=is_logger,
+                                     throughput=config.logging.log_throughput),
+               vocab_size=vocab_size, eod=eod, global_batch=global_batch,
+               num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
+               dp_size=dp_size, data_files=dataset_files_identity(config.data.data_path),
+               tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod))
+
+
+def resume(run: Run) -> None:
+    """Load the newest checkpoint of --save (the same command resumes), else --load's. A weights-only
+    one (from-hf), or --load's with --finetune, starts a fresh run from its weights. --load equal to
+    --save without a checkpoint yet is a first run (Megatron-LM's recipes pass both)."""
+    ckpt, arch = run.config.checkpoint, run.arch
     load_root = ckpt.load
-    if ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None:
-        load_root = ckpt.save  # the same command resumes from its own newest checkpoint
-    if load_root and checkpointing.read_run_config(load_root).get("weights_only"):
-        load_imported_weights(load_root, modules, optimizer, arch)  # from-hf: a fresh run from its weights
+    own = ckpt.save and checkpointing.latest_iteration(ckpt.save) is not None
+    if own or (load_root and os.path.abspath(load_root) == os.path.abspath(ckpt.save or "")):
+        load_root = ckpt.save if own else None
+    if load_root and (checkpointing.read_run_config(load_root).get("weights_only") or (ckpt.finetune and not own)):
+        load_imported_weights(load_root, run.modules, run.optimizer, arch)
         load_root = None
-    if load_root:
-        saved = checkpointing.read_run_config(load_root)
-        if saved.get("model") is not None and saved["model"] != dataclasses.asdict(arch):
-            raise checkpointing.CheckpointError(
-                f"{load_root} holds a model of another shape ({_shape_difference(saved['model'], dataclasses.asdict(arch))})")
-        state = checkpointing.load(load_root, modules, optimizer, scheduler,
-                                   load_optimizer=not saved.get("reset_optimizer", False))
-        common = state["common"]
-        saved_tst = common["data_identity"]["tst"]
-        if plan is None and saved_tst is not None and common["tst_state"] is None:
-            # a converted phase-1 checkpoint: recovery keeps reading the data TST planned for it
-            data_plan = TSTPlan(bag_size=saved_tst["bag_size"], total_iters=saved_tst["total_iters"],
+    if not load_root:
+        return
+    saved = checkpointing.read_run_config(load_root)
+    # a checkpoint's run_config without the later architecture fields holds their defaults
+    saved_model = saved.get("model") and dataclasses.asdict(GPTArchitecture(**saved["model"]))
+    if saved_model and saved_model != dataclasses.asdict(arch):
+        raise checkpointing.CheckpointError(
+            f"{load_root} holds a model of another shape ({_shape_difference(saved_model, dataclasses.asdict(arch))})")
+    state = checkpointing.load(load_root, run.modules, run.optimizer, run.scheduler,
+                               load_optimizer=not (saved.get("reset_optimizer", False) or ckpt.no_load_optim),
+                               load_rng=not ckpt.no_load_rng)
+    common = state["common"]
+    saved_tst = common["data_identity"]["tst"]
+    if run.plan is None and saved_tst is not None and common["tst_state"] is None:
+        # a converted phase-1 checkpoint: recovery keeps reading the data TST planned for it
+        run.data_plan = TSTPlan(bag_size=saved_tst["bag_size"], total_iters=saved_tst["total_iters"],
                                 switch_iter=saved_tst["switch_iter"], mode=saved_tst["mode"],
                                 loss_weighting=saved_tst.get("loss_weighting", "uniform"))
-        mismatch = data_state_matches(common["data_identity"], data_identity(data_plan))
-        if mismatch:
-            raise checkpointing.CheckpointError(
-                f"cannot resume from {checkpointing.checkpoint_dir(load_root, state['iteration'])}: {mismatch}; "
-                "run with the checkpoint's settings, or give another --save directory to start a new run")
-        iteration, consumed = state["iteration"], dict(common["consumed_samples"])
-        metrics.restore(common["metrics"], iteration)
-        if common.get("reinit_embeddings"):
-            reinitialise_embeddings(modules, optimizer)
+    mismatch = data_state_matches(common["data_identity"], run.data_identity())
+    if mismatch:
+        raise checkpointing.CheckpointError(
+            f"cannot resume from {checkpointing.checkpoint_dir(load_root, state['iteration'])}: {mismatch}; "
+            "run with the checkpoint's settings, or give another --save directory to start a new run")
+    run.iteration, run.consumed = state["iteration"], dict(common["consumed_samples"])
+    run.metrics.restore(common["metrics"], run.iteration)
+    if common.get("reinit_embeddings"):
+        reinitialise_embeddings(run.modules, run.optimizer)
 
+
+def build_data(run: Run) -> TSTData:
+    config = run.config
     data = TSTData(DataConfig(
-        data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=global_batch,
-        vocab_size=vocab_size, eod=eod, split=config.data.split, seed=training.seed,
+        data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=run.global_batch,
+        vocab_size=run.vocab_size, eod=run.eod, split=config.data.split, seed=config.training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
         cache_dir=config.data.data_cache_path,
-    ), data_plan, total_iters=training.train_iters)
-    if iteration == 0 and is_logger:
+    ), run.data_plan, total_iters=config.training.train_iters)
+    if run.iteration == 0 and run.metrics.enabled:
         for row in data.report():
             print(f"data: {row['phase']:13s} {row['dataset']}: {row['documents']:,} documents, "
                   f"{row['tokens_available']:,} tokens available, {row['tokens_planned']:,} planned, "
                   f"{row['epochs']} epoch(s)", flush=True)
+    return data
 
-    run_config = dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(plan) if plan else None,
-                      parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
-                          arch.vocab_size, par.tensor_model_parallel_size),
-                      tokenizer=dict(type=config.data.tokenizer_type, model=os.path.abspath(config.data.tokenizer_model)
-                                     if config.data.tokenizer_model else None))  # for the HF export
 
-    def save(at_iteration):
-        if ckpt.save:
-            common = dict(consumed_samples=dict(consumed), data_identity=data_identity(data_plan),
-                          metrics=metrics.totals(),
-                          tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
-                                         phase=data.phase_of(at_iteration)) if plan else None)
-            with parameters_in_sync(chunks):
-                checkpointing.save(ckpt.save, at_iteration, modules, optimizer, scheduler, common, run_config)
-
-    flops_per_position = model_flops_per_position(arch, config.model.seq_length)
-    stop = StopFlags()
+def train(run: Run) -> dict:
+    """Steps from run.iteration to --train-iters; saves at intervals, on a stop request, at the end."""
+    training = run.config.training
+    minutes = training.exit_duration_in_mins
+    stop = StopFlags(run.started + 60 * minutes if minutes else None)
     orphan.stop_when_orphaned()  # a worker whose torchrun died saves and stops
-    iterators, iterator_phase = None, None
-    for chunk in chunks:
+    for chunk in run.chunks:
         chunk.train()
-    while iteration < training.train_iters:
-        phase = data.phase_of(iteration)
+    if training.manual_gc:
+        gc.disable()
+        gc.collect()
+    try:
+        return train_loop(run, stop)
+    finally:
+        if training.manual_gc:
+            gc.enable()
+
+
+def train_loop(run: Run, stop: StopFlags) -> dict:
+    config, data, plan, metrics = run.config, run.data, run.plan, run.metrics
+    training, ckpt = config.training, config.checkpoint
+    flops_per_position = model_flops_per_position(run.arch, config.model.seq_length)
+    iterators, iterator_phase = None, None
+    while run.iteration < training.train_iters:
+        phase = data.phase_of(run.iteration)
         if phase != iterator_phase:
             if plan is not None and phase != SUPERPOSITION and ckpt.exit_at_phase_switch:
-                save(iteration)
-                return {"iteration": iteration, "stopped": "phase switch"}
-            iterators = [data.micro_batches(phase, consumed.get(phase, 0), training.micro_batch_size,
-                                            dp_rank, dp_size) for _ in chunks]
+                run.save(run.iteration)
+                return {"iteration": run.iteration, "stopped": "phase switch"}
+            iterators = [data.micro_batches(phase, run.consumed.get(phase, 0), training.micro_batch_size,
+                                            run.dp_rank, run.dp_size) for _ in run.chunks]
             iterator_phase = phase
         started = time.time()
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        totals = run_step(chunks, iterators, num_microbatches, config)
-        succeeded, grad_norm, _ = optimizer.step()
-        loss_sum, tokens, stop_requested = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
-        scheduler.step(increment=1)
-        iteration += 1
-        consumed[phase] = consumed.get(phase, 0) + global_batch
-        loss = loss_sum / max(tokens, 1)
-        if not math.isfinite(loss):
-            raise TrainingStopped(f"loss is {loss} at iteration {iteration} ({phase} phase); stopping "
-                                  "without saving. Lower --lr or check the data, then resume from the last checkpoint")
+        loss, grad_norm, stop_reason = train_step(run, iterators, phase, stop)
+        iteration = run.iteration
         metrics.step(iteration=iteration, phase=phase, loss=loss,
                      target_entropy=plan.target_entropy if plan else 0.0,
-                     lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
-                     raw_tokens=global_batch * (data.sample_length[phase] - 1),
-                     positions=global_batch * config.model.seq_length,
-                     flops=3 * flops_per_position * global_batch * config.model.seq_length,
+                     lr=run.scheduler.get_lr(run.optimizer.param_groups[0]), grad_norm=grad_norm,
+                     raw_tokens=run.global_batch * (data.sample_length[phase] - 1),
+                     positions=run.global_batch * config.model.seq_length,
+                     flops=3 * flops_per_position * run.global_batch * config.model.seq_length,
                      step_time=time.time() - started, peak_flops=config.logging.peak_flops,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1,
                      log=iteration % config.logging.log_interval == 0 or iteration == training.train_iters)
+        memory_cleanup(training, around_validation=False)
         if config.logging.eval_interval and (iteration % config.logging.eval_interval == 0
                                              or iteration == training.train_iters):
-            metrics.validation(iteration, phase, evaluate(chunks, data, config, dp_rank, dp_size))
-        exit_now = bool(ckpt.exit_interval) and iteration % ckpt.exit_interval == 0
-        if stop_requested or exit_now:
-            save(iteration)
+            memory_cleanup(training, around_validation=True)
+            metrics.validation(iteration, phase, evaluate(run.chunks, data, config, run.dp_rank, run.dp_size))
+            memory_cleanup(training, around_validation=True)
+        if training.manual_gc and training.manual_gc_interval and iteration % training.manual_gc_interval == 0:
+            gc.collect()
+        if ckpt.exit_interval and iteration % ckpt.exit_interval == 0:
+            stop_reason = "exit interval"
+        if stop_reason:
+            run.save(iteration)
             metrics.close()
-            return {"iteration": iteration, "stopped": "exit interval" if exit_now else "signal",
-                    "history": metrics.history}
+            return {"iteration": iteration, "stopped": stop_reason, "history": metrics.history}
         if ckpt.save_interval and iteration % ckpt.save_interval == 0:
-            save(iteration)
-    if ckpt.save and checkpointing.latest_iteration(ckpt.save) != iteration:
-        save(iteration)
+            run.save(iteration)
+    if ckpt.save and checkpointing.latest_iteration(ckpt.save) != run.iteration:
+        run.save(run.iteration)
     metrics.close()
-    return {"iteration": iteration, "stopped": None, "history": metrics.history}
+    return {"iteration": run.iteration, "stopped": None, "history": metrics.history}
+
+
+def memory_cleanup(training, around_validation: bool) -> None:
+    """Megatron-LM's --manual-gc around validation and --empty-unused-memory-level."""
+    if around_validation and training.manual_gc:
+        gc.collect()
+    if torch.cuda.is_available() and training.empty_unused_memory_level >= (2 if around_validation else 1):
+        torch.cuda.empty_cache()
+
+
+def train_step(run: Run, iterators, phase: str, stop: StopFlags) -> tuple[float, float, str | None]:
+    """One optimizer step; returns (loss, grad norm, why every rank stops now or None)."""
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    totals = run_step(run.chunks, iterators, run.num_microbatches, run.config)
+    succeeded, grad_norm, _ = run.optimizer.step()
+    loss_sum, tokens, *stop_flags = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
+    run.scheduler.step(increment=lr_schedule(run.config.training)[1])
+    run.iteration += 1
+    run.consumed[phase] = run.consumed.get(phase, 0) + run.global_batch
+    loss = loss_sum / max(tokens, 1)
+    if not math.isfinite(loss):
+        raise TrainingStopped(f"loss is {loss} at iteration {run.iteration} ({phase} phase); stopping "
+                              "without saving. Lower --lr or check the data, then resume from the last checkpoint")
+    return loss, grad_norm, StopFlags.reason(stop_flags)
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    """Megatron-LM's pretrain: set up, resume, train."""
+    run = setup(config)
+    resume(run)
+    run.data = build_data(run)
+    return train(run)
 
 
 def load_imported_weights(root: str, modules, optimizer, arch) -> None:
-    """A weights-only checkpoint (``tools/convert_checkpoint.py from-hf``): load its weights and start a
-    fresh run at iteration 0 with new optimizer state, schedule and data position (Megatron's --finetune)."""
-    saved = checkpointing.read_run_config(root)["model"]
+    """A weights-only checkpoint (``tools/convert_checkpoint.py from-hf``), or any with --finetune: load
+    its weights and start a fresh run at iteration 0 with new optimizer state, schedule, RNG and data
+    position (Megatron-LM's --finetune)."""
+    saved = dataclasses.asdict(GPTArchitecture(**checkpointing.read_run_config(root)["model"]))
     ours = dataclasses.asdict(arch)
     training_only = ("init_method_std", "moe_aux_loss_coeff")  # hyper-parameters, not the weights' shape
     if {k: v for k, v in saved.items() if k not in training_only} != {k: v for k, v in ours.items() if k not in training_only}:
         raise checkpointing.CheckpointError(
             f"{root} holds a model of another shape ({_shape_difference(saved, ours)}); give the imported "
             "model's shape flags (see its run_config.json)")
-    checkpointing.load(root, modules, optimizer, None, load_optimizer=False)
+    checkpointing.load(root, modules, optimizer, None, load_optimizer=False, load_rng=False)
 
 
 def reinitialise_embeddings(modules, optimizer) -> list:

@@ -95,6 +95,18 @@ def check_dense():
     return {"loss": loss.item()}
 
 
+def check_recompute():
+    """Full activation recomputation: the forward runs again inside backward."""
+    from megatron_tst import parallel
+
+    parallel.initialize(seed=1)
+    model, _ = _model("tiny", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    loss = _loss(model, 0)
+    loss.backward()
+    assert _grads_finite_and_nonzero(model), "no gradients"
+    return {"loss": loss.item()}
+
+
 def check_autocast():
     from megatron_tst import parallel
 
@@ -315,6 +327,7 @@ CHECKS = {
     "autocast": check_autocast,
     "rng_fork": check_rng_fork,
     "checkpoint": check_checkpoint,
+    "recompute": check_recompute,
     "moe": check_moe,
     "distopt": check_distopt,
     "distopt_without_b": _distopt_without("b"),

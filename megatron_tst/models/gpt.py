@@ -1,6 +1,12 @@
-"""Model builders: a Llama-style dense GPT and a Qwen3-MoE-style GPT on megatron-core, with presets.
+"""Model builders: GPT models on megatron-core, with the paper's Llama/Qwen3-MoE presets.
 
-Dense: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied embeddings (the paper's
+``GPTArchitecture`` spans Megatron-LM's GPT family: LayerNorm or RMSNorm (optionally zero-centred,
+``--apply-layernorm-1p``), GeLU or SwiGLU, learned absolute or rotary positions, with or without
+biases, tied or untied embeddings. Its defaults are the presets' (what checkpoints written before
+these fields existed hold); a Megatron-LM flag set without a preset gets Megatron-LM's defaults
+(``arguments.ModelOptions.architecture``).
+
+Presets, dense: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied embeddings (the paper's
 "Llama-3 modeling code" with SmolLM shapes and the Llama-3 vocabulary). MoE: the same plus
 QK-norm, all-MoE layers with softmax top-k routing (normalised top-k probabilities, as Qwen3's
 ``norm_topk_prob``) and expert parallelism. The local (pure megatron-core) layer spec is used
@@ -53,6 +59,14 @@ class GPTArchitecture:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_aux_loss_coeff: float = 1e-3
+    # Megatron-LM's model-family switches; these defaults are the presets' (Llama) and keep older
+    # checkpoints' run_config.json (which lacks them) describing the model they hold
+    normalization: str = "RMSNorm"  # or LayerNorm
+    swiglu: bool = True  # SwiGLU MLP (two input projections); False: GeLU
+    position_embedding_type: str = "rope"  # or learned_absolute
+    add_bias_linear: bool = False
+    apply_layernorm_1p: bool = False  # zero-centred norm weights (Megatron-LM's --apply-layernorm-1p)
+    rotary_percent: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -60,19 +74,28 @@ class GPTArchitecture:
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and active (per token) parameters, embeddings and output head included."""
+        hidden, bias = self.hidden_size, int(self.add_bias_linear)
+        norm = hidden * (2 if self.normalization == "LayerNorm" else 1)  # LayerNorm has a bias
         q_width, kv_width = self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
-        attention = 2 * self.hidden_size * q_width + 2 * self.hidden_size * kv_width
-        attention += 2 * self.head_dim if self.qk_layernorm else 0
-        norms = 2 * self.hidden_size
+        attention = (hidden + bias) * (q_width + 2 * kv_width) + q_width * hidden + bias * hidden
+        attention += 2 * self.head_dim * (2 if self.normalization == "LayerNorm" else 1) if self.qk_layernorm else 0
+        norms = 2 * norm
+
+        def mlp(inner):
+            up = inner * (2 if self.swiglu else 1)
+            return (hidden + bias) * up + inner * hidden + bias * hidden
+
         if self.num_experts:
-            expert = 3 * self.hidden_size * self.moe_ffn_hidden_size
-            router = self.hidden_size * self.num_experts
+            expert = mlp(self.moe_ffn_hidden_size)
+            router = hidden * self.num_experts
             layer_total = attention + norms + router + self.num_experts * expert
             layer_active = attention + norms + router + self.moe_router_topk * expert
         else:
-            layer_total = layer_active = attention + norms + 3 * self.hidden_size * self.ffn_hidden_size
-        tables = (2 if self.untie_embeddings_and_output_weights else 1) * self.vocab_size * self.hidden_size
-        rest = tables + self.hidden_size  # + final norm
+            layer_total = layer_active = attention + norms + mlp(self.ffn_hidden_size)
+        tables = (2 if self.untie_embeddings_and_output_weights else 1) * self.vocab_size * hidden
+        if self.position_embedding_type == "learned_absolute":
+            tables += self.max_position_embeddings * hidden
+        rest = tables + norm  # + final norm
         return {
             "total": self.num_layers * layer_total + rest,
             "active": self.num_layers * layer_active + rest,
@@ -137,6 +160,8 @@ def transformer_config(
     fp8_recipe: str = "delayed",
     moe_token_dispatcher_type: str = "alltoall",
     attention_backend: str = "auto",
+    hidden_dropout: float = 0.0,
+    attention_dropout: float = 0.0,
     **overrides,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for ``arch``; ``overrides`` are further config fields.
@@ -164,14 +189,15 @@ def transformer_config(
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.head_dim,
-        normalization="RMSNorm",
+        normalization=arch.normalization,
         layernorm_epsilon=arch.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        layernorm_zero_centered_gamma=arch.apply_layernorm_1p,
+        gated_linear_unit=arch.swiglu,
+        activation_func=F.silu if arch.swiglu else F.gelu,  # F.gelu: TransformerConfig's (Megatron-LM's) default
+        add_bias_linear=arch.add_bias_linear,
         qk_layernorm=arch.qk_layernorm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=hidden_dropout,
+        attention_dropout=attention_dropout,
         init_method_std=arch.init_method_std,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -217,7 +243,7 @@ def layer_spec(arch: GPTArchitecture, config: TransformerConfig):
         )
     spec = get_gpt_layer_local_spec(
         num_experts=arch.num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm,
-        normalization="RMSNorm",
+        normalization=arch.normalization,
     )
     return with_core_attention(spec, config)
 
@@ -238,11 +264,14 @@ def build_gpt_model(
         config=config,
         transformer_layer_spec=layer_spec(arch, config),
         vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
-        max_sequence_length=seq_length or arch.max_position_embeddings,
+        # a learned position table has max_position_embeddings rows (its shape is the checkpoint's)
+        max_sequence_length=arch.max_position_embeddings if arch.position_embedding_type == "learned_absolute"
+        else seq_length or arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not arch.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=arch.position_embedding_type,
+        rotary_percent=arch.rotary_percent,
         rotary_base=arch.rotary_base,
         vp_stage=vp_stage,
     )

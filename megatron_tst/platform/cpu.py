@@ -24,6 +24,8 @@ megatron-level patches:
   M3 moe_dtoh        MoE split sizes become numpy for CPU tensors too (gloo needs lists)
   M4 distopt_ckpt    three upstream bugs of DistributedOptimizer checkpointing with torch Adam
                      (applied whenever neither Transformer Engine nor Apex is importable, GPU or not)
+  M5 recompute       activation recomputation (``tensor_parallel.checkpoint``) re-runs the forward
+                     inside backward, where T6's mode is off: its backward runs under the mode
 
 Known limits: context parallelism needs TEDotProductAttention (Transformer Engine), sequence
 parallelism needs a norm that is not ``WrappedTorchNorm``; literal ``"cuda"`` inside a custom
@@ -188,6 +190,14 @@ def _install_megatron_patches() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     if _enabled("distopt_ckpt"):  # M4
         _fix_distributed_optimizer_with_torch_adam()
+    if _enabled("recompute"):  # M5: activation recomputation runs the forward again inside backward
+        original_backward = mcore_random.CheckpointFunction.backward
+
+        def backward(ctx, *grads):
+            with _mode:
+                return original_backward(ctx, *grads)
+
+        mcore_random.CheckpointFunction.backward = staticmethod(backward)
 
 
 def _fix_distributed_optimizer_with_torch_adam() -> None:
