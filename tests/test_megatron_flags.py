@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnBackend
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -229,10 +230,12 @@ def test_without_a_preset_the_model_is_megatron_lm_gpt_as_megatron_core_builds_i
     assert (arch.normalization, arch.swiglu, arch.position_embedding_type, arch.add_bias_linear,
             arch.untie_embeddings_and_output_weights, arch.ffn_hidden_size, arch.rotary_base) == \
         ("LayerNorm", False, "learned_absolute", True, False, 256, 10000)
-    ours_config = transformer_config(arch, **config.model.dropouts())
+    # megatron-core's own local spec has its DotProductAttention: ours is that with --attention-backend local
+    # (the default, torch SDPA, is checked against it in tests/test_attention.py)
+    ours_config = transformer_config(arch, attention_backend="local", **config.model.dropouts())
     # megatron-core's own defaults (Megatron-LM's), only the sizes given
     reference_config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, init_method_std=0.006,
-                                         use_cpu_initialization=True)
+                                         use_cpu_initialization=True, attention_backend=AttnBackend.local)
     for name in ("normalization", "gated_linear_unit", "activation_func", "add_bias_linear", "ffn_hidden_size",
                  "num_query_groups", "kv_channels", "hidden_dropout", "attention_dropout", "layernorm_epsilon",
                  "layernorm_zero_centered_gamma", "init_method_std"):
