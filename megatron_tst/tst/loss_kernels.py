@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from megatron_tst.tst.loss import _tp_group_or_none
+from megatron_tst.tst.loss import _tp_group_or_none, check_label_range
 
 EAGER_BLOCK_ELEMENTS = 1 << 22  # rows per eager block = this // V: 16 MiB of fp32 temporaries
 
@@ -86,6 +86,11 @@ def vocab_parallel_stats(logits2d, local_targets, off_shard, tp_group, compile):
     for start, end in _row_blocks(rows, vocab, compile):
         row_max[start:end], sum_exp[start:end] = _run("stats", compile, logits2d[start:end])
     predicted = logits2d.gather(-1, local_targets).to(work).masked_fill_(off_shard, 0.0)
+    return combine_stats(row_max, sum_exp, predicted, tp_group)
+
+
+def combine_stats(row_max, sum_exp, predicted, tp_group):
+    """(lse, target logits) over the whole vocabulary from each shard's (max, sum-exp, targets)."""
     world = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     if world > 1:  # one collective: every rank's [max, sum-exp, its target logits]
         packed = torch.cat([row_max.unsqueeze(-1), sum_exp.unsqueeze(-1), predicted], dim=-1)
@@ -164,17 +169,23 @@ def default_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def single_kernel_mce(logits, labels, target_weights, tp_group=None, compile: bool | None = None):
+def single_kernel_mce(logits, labels, target_weights, tp_group=None, compile: bool | None = None,
+                      check_labels: bool = False):
     """Per-position MCE sum_i t_i CE(z, y_i), vocabulary split over ``tp_group``: the arguments and
     result of ``fused_vocab_parallel_mce``. The logits buffer becomes its own gradient in backward.
-    ``compile``: torch.compile the two full-row passes (default: on CUDA only)."""
+    ``compile``: torch.compile the two full-row passes (default: on CUDA only). Labels beyond the
+    vocabulary are refused where that costs no device sync (CPU labels) or with ``check_labels``;
+    unchecked, such a target counts as off every shard (never an out-of-bounds read)."""
     if labels.shape != target_weights.shape or labels.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} and target weights {tuple(target_weights.shape)} must "
             f"both be (..., s) over the logits' leading dimensions {tuple(logits.shape[:-1])}"
         )
+    group = _tp_group_or_none(tp_group)
+    if check_labels or labels.device.type == "cpu":
+        check_label_range(labels, logits.shape[-1] * (1 if group is None else torch.distributed.get_world_size(group)))
     if compile is None:
         compile = default_compile(logits.device)
     if not logits.is_contiguous():
         logits = logits.contiguous()
-    return _SingleKernelMCE.apply(logits, labels, target_weights, _tp_group_or_none(tp_group), compile)
+    return _SingleKernelMCE.apply(logits, labels, target_weights, group, compile)
