@@ -20,11 +20,11 @@ from tests.test_loss_kernels import WEIGHTINGS, _weighting, extreme_inputs
 HIDDEN, VOCAB = 16, 41
 
 
-def _layer(batch, latent, dtype=torch.float64, seed=0):
+def _layer(batch, latent, dtype=torch.float64, seed=0, vocab=VOCAB):
     """Hidden states [L, b, H] and an output weight (V, H) whose logits reach |z| ~ 100."""
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(latent, batch, HIDDEN, generator=generator, dtype=torch.float64) * 5
-    weight = torch.randn(VOCAB, HIDDEN, generator=generator, dtype=torch.float64) * 5
+    weight = torch.randn(vocab, HIDDEN, generator=generator, dtype=torch.float64) * 5
     return hidden.to(dtype), weight.to(dtype)
 
 
