@@ -14,8 +14,8 @@ ignored targets negative, the vocabulary split over the TP group), computed diff
 
 The two full-row passes are ``_row_stats`` and ``_write_grad``. With ``compile=True`` they run
 through ``torch.compile`` (C++ on CPU, Triton on GPU: nothing N x V is materialised besides the
-logits themselves); otherwise the same functions run eagerly over row blocks whose fp32
-temporaries are bounded by ``EAGER_BLOCK_ELEMENTS``. The default compiles on CUDA only: on CPU the
+logits themselves); otherwise their in-place eager twins (``*_eager``, the same arithmetic) run
+over row blocks whose fp32 temporaries are bounded by ``EAGER_BLOCK_ELEMENTS``. The default compiles on CUDA only: on CPU the
 first compilation costs ~20 s per process, more than a short CPU run gains.
 
 The logits buffer is overwritten by its gradient in backward: pass logits nobody reads afterwards
@@ -52,6 +52,21 @@ def _write_grad(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) ->
     logits.copy_((torch.exp(z - lse.unsqueeze(-1)) * scale.unsqueeze(-1)).to(logits.dtype))
 
 
+def _row_stats_eager(logits: torch.Tensor):
+    """``_row_stats`` with one temporary block (eager torch allocates one per operation)."""
+    work = logits.to(_work_dtype(logits.dtype), copy=True)
+    row_max = work.amax(dim=-1)
+    return row_max, work.sub_(row_max.unsqueeze(-1)).exp_().sum(dim=-1)
+
+
+def _write_grad_eager(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> None:
+    """``_write_grad`` in place (fp32/fp64 logits) or through one fp32 block (bf16/fp16)."""
+    work = logits if logits.dtype == _work_dtype(logits.dtype) else logits.float()
+    work.sub_(lse.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
+    if work is not logits:
+        logits.copy_(work)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
     return torch.compile({"stats": _row_stats, "grad": _write_grad}[name], dynamic=True)
@@ -62,7 +77,7 @@ _COMPILE_FAILED: list[str] = []
 
 def _run(name: str, compile: bool, *args):
     """The compiled kernel, or the eager one where compilation is unavailable (said once)."""
-    eager = {"stats": _row_stats, "grad": _write_grad}[name]
+    eager = {"stats": _row_stats_eager, "grad": _write_grad_eager}[name]
     if compile and not _COMPILE_FAILED:
         try:
             return _compiled(name)(*args)
