@@ -27,6 +27,7 @@ read; its logit reads as 0).
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
 
 from megatron_tst.tst.loss import _tp_group_or_none, check_label_range
 from megatron_tst.tst.loss_kernels import (
@@ -83,8 +84,10 @@ class _LinearMCE(torch.autograd.Function):
             grad_logits = write_logits_grad(logits, lse[start:end], scale[start:end],
                                             local_targets[start:end], local_shares[start:end], ctx.compile)
             torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            partial = torch.matmul(grad_logits.t(), h2d[start:end])
-            grad_weight += partial
+            if grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_logits.t(), h2d[start:end])
+            else:
+                grad_weight += torch.matmul(grad_logits.t(), h2d[start:end])
         return grad_hidden.reshape(hidden.shape), grad_weight.to(weight.dtype), None, None, None, None, None
 
 
@@ -130,3 +133,24 @@ def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequ
     if compile is None:
         compile = default_compile(hidden.device)
     return _LinearMCE.apply(hidden.contiguous(), weight, labels, target_weights, group, int(block_rows), compile)
+
+
+class LossFusedColumnParallelLinear(ColumnParallelLinear):
+    """GPT's output layer that, given ``mce_targets=(labels [L, b, s], target_weights)``, returns the
+    per-position MCE [L, b] through ``fused_linear_mce`` instead of the logits. Called as the module
+    (not its weight alone) so that the hooks megatron-core's DDP puts on it (the parameter
+    all-gather of --overlap-param-gather) still run. Without ``mce_targets``: ColumnParallelLinear."""
+
+    @classmethod
+    def convert(cls, layer: ColumnParallelLinear) -> "LossFusedColumnParallelLinear":
+        if layer.bias is not None:
+            raise ValueError("the fused output layer + MCE has no bias; GPT's output layer has none")
+        layer.__class__ = cls  # same parameters and state dict: only forward changes
+        return layer
+
+    def forward(self, input_, weight=None, runtime_gather_output=None, mce_targets=None, **kwargs):
+        if mce_targets is None:
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+        labels, target_weights = mce_targets
+        return fused_linear_mce(input_, self.weight if weight is None else weight, labels, target_weights,
+                                tp_group=self.tp_group, sequence_parallel=self.sequence_parallel)
