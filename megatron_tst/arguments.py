@@ -65,6 +65,11 @@ class ModelOptions:
     no_bias_swiglu_fusion: bool = _help("do not fuse the SwiGLU activation", default=False)
     no_rope_fusion: bool = _help("do not fuse rotary position embedding", default=False)
     no_masked_softmax_fusion: bool = _help("do not fuse scale, mask and softmax", default=False)
+    # Loss kernels (megatron_tst/tst/linear_loss.py). Off by default until the benchmarks
+    # (examples/bench_mce.py --linear) say where it wins; with it a next-token run (no TST flags)
+    # builds the TSTGPTModel too, whose state dict is a GPTModel's.
+    output_layer_loss_fusion: bool = _help("fuse the output layer with the loss in the training forward: "
+                                           "logits computed block by block and never stored", default=False)
 
     def architecture(self) -> GPTArchitecture:
         base = preset(self.model_preset) if self.model_preset else None
