@@ -97,9 +97,12 @@ def test_bf16_gradient_is_the_fp64_gradient_rounded_once_and_written_in_place():
     assert torch.equal(ours.grad, rounded.grad.to(torch.bfloat16))
     assert (rounded.grad - exact.grad).abs().max() > 0  # (the rounding of the logits does matter)
 
-    leaf = bf16.clone().requires_grad_()  # a leaf is the caller's tensor: never overwritten
-    single_kernel_mce(leaf, bags, weights.float()).sum().backward()
-    assert torch.equal(leaf.detach(), bf16) and torch.equal(leaf.grad, ours.grad)
+    leaf = bf16.clone().requires_grad_()  # a leaf is the caller's tensor, and a view of it: never overwritten
+    for logits in (leaf, leaf.view(-1, VOCAB)):
+        shape = logits.shape[:-1] + (bag_size,)
+        single_kernel_mce(logits, bags.reshape(shape), weights.float().reshape(shape)).sum().backward()
+        assert torch.equal(leaf.detach(), bf16) and torch.equal(leaf.grad, ours.grad)
+        leaf.grad = None
 
 
 def test_compiled_kernel_equals_the_eager_one():

@@ -155,7 +155,7 @@ def write_logits_grad(logits2d, lse, scale, local_targets, local_shares, compile
 
 class _SingleKernelMCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, target_weights, tp_group, compile):
+    def forward(ctx, logits, targets, target_weights, tp_group, compile, inplace):
         rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
         vocab = logits.shape[-1]
         logits2d = logits.reshape(-1, vocab)
@@ -165,7 +165,7 @@ class _SingleKernelMCE(torch.autograd.Function):
         loss, total, shares = loss_and_shares(lse, predicted, targets2d, target_weights.reshape(targets2d.shape))
         ctx.save_for_backward(logits, lse, total, local_targets, shares * ~off_shard)
         ctx.compile = compile
-        ctx.inplace = not logits.is_leaf  # a leaf's data is the caller's: write into a copy instead
+        ctx.inplace = inplace
         return loss.reshape(logits.shape[:-1]).to(_work_dtype(logits.dtype))
 
     @staticmethod
@@ -176,7 +176,7 @@ class _SingleKernelMCE(torch.autograd.Function):
         scale = grad_output.reshape(-1).to(lse.dtype) * total
         logits2d = logits.reshape(-1, logits.shape[-1])
         write_logits_grad(logits2d, lse, scale, local_targets, local_shares, ctx.compile)
-        return logits, None, None, None, None
+        return logits, None, None, None, None, None
 
 
 def default_compile(device: torch.device) -> bool:
@@ -185,12 +185,14 @@ def default_compile(device: torch.device) -> bool:
 
 
 def single_kernel_mce(logits, labels, target_weights, tp_group=None, compile: bool | None = None,
-                      check_labels: bool = False):
+                      check_labels: bool = False, inplace_backward: bool | None = None):
     """Per-position MCE sum_i t_i CE(z, y_i), vocabulary split over ``tp_group``: the arguments and
     result of ``fused_vocab_parallel_mce``. The logits buffer becomes its own gradient in backward.
     ``compile``: torch.compile the two full-row passes (default: on CUDA only). Labels beyond the
     vocabulary are refused where that costs no device sync (CPU labels) or with ``check_labels``;
-    unchecked, such a target counts as off every shard (never an out-of-bounds read)."""
+    unchecked, such a target counts as off every shard (never an out-of-bounds read).
+    ``inplace_backward``: write the gradient into the logits buffer; default: unless the logits are
+    a leaf tensor or a view of one (the caller's own data), which get a copy instead."""
     if labels.shape != target_weights.shape or labels.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} and target weights {tuple(target_weights.shape)} must "
@@ -203,4 +205,6 @@ def single_kernel_mce(logits, labels, target_weights, tp_group=None, compile: bo
         compile = default_compile(logits.device)
     if not logits.is_contiguous():
         logits = logits.contiguous()
-    return _SingleKernelMCE.apply(logits, labels, target_weights, group, compile)
+    if inplace_backward is None:
+        inplace_backward = not (logits if logits._base is None else logits._base).is_leaf
+    return _SingleKernelMCE.apply(logits, labels, target_weights, group, compile, inplace_backward)
