@@ -1,6 +1,6 @@
 """The fused output layer + MCE (megatron_tst.tst.linear_loss) against Listing 3 in fp64 and the
 unfused output GEMM + MCE in fp32 and bf16: losses and the gradients of the hidden states and the
-output weight; several row blocks (one partial); tied embeddings; bad input."""
+output weight; several row blocks and vocabulary tiles (the last of each partial); tied embeddings; bad input."""
 
 import re
 
@@ -42,7 +42,8 @@ def test_fused_linear_equals_listing3_fp64(bag_size):
         reference.backward()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         folded = bags.transpose(0, 1)  # [L, b, s]
-        losses = fused_linear_mce(h, w, folded, listing3_target_weights(folded, weighting), block_rows=4)
+        losses = fused_linear_mce(h, w, folded, listing3_target_weights(folded, weighting), block_rows=4,
+                                  vocab_tile=16)
         assert losses.shape == (latent, batch) and losses.dtype == torch.float64
         losses.sum().backward()
         assert torch.allclose(losses.sum(), reference, rtol=1e-10, atol=0), name
@@ -67,12 +68,13 @@ def test_fused_linear_equals_the_unfused_layer(dtype, rtol):
         reference = kernel(ref_h @ ref_w.t(), folded, weights)
         reference.backward(upstream)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        losses = fused_linear_mce(h, w, folded, weights, block_rows=6)
+        losses = fused_linear_mce(h, w, folded, weights, block_rows=6, vocab_tile=16)
         losses.backward(upstream)
         assert losses.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == dtype
         assert torch.allclose(losses, reference, rtol=rtol, atol=rtol * reference.abs().max().item())
         for ours, theirs in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
-            assert (ours.float() - theirs.float()).abs().max() <= 2 * rtol * theirs.float().abs().max()
+            # fp32: the sums over vocabulary tiles cancel (the gradient's rows sum to 0), ~3e-5 of the max
+            assert (ours.float() - theirs.float()).abs().max() <= max(2 * rtol, 1e-4) * theirs.float().abs().max()
 
 
 def test_tied_embedding_gets_the_gradient_of_both_uses():
@@ -88,7 +90,7 @@ def test_tied_embedding_gets_the_gradient_of_both_uses():
         shared = table.clone().requires_grad_()
         hidden = torch.tanh(shared[tokens].mean(dim=2))  # [L, b, H]: a stand-in for the decoder
         if fused:
-            losses = fused_linear_mce(hidden, shared, folded, weights, block_rows=5)
+            losses = fused_linear_mce(hidden, shared, folded, weights, block_rows=5, vocab_tile=10)
         else:
             losses = fused_vocab_parallel_mce(hidden @ shared.t(), folded, weights)
         losses.sum().backward()

@@ -52,7 +52,7 @@ def tp_worker(rank, world_size):
             h = hidden[rows].clone().requires_grad_()
             w = weight[shard].clone().requires_grad_()
             losses = fused_linear_mce(h, w, folded, listing3_target_weights(folded, weighting), tp_group=group,
-                                      sequence_parallel=sequence_parallel, block_rows=3)
+                                      sequence_parallel=sequence_parallel, block_rows=3, vocab_tile=7)
             losses.sum().backward()
             errors[f"linear s={bag_size} sp={sequence_parallel}"] = (
                 abs(losses.sum().item() - reference.item()) / abs(reference.item()),

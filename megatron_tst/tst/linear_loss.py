@@ -5,10 +5,12 @@
 N x V/tp logits: they are computed one row block at a time (``block_rows`` positions x this rank's
 vocabulary shard), reduced into the row max, sum-exp and the s target logits, and dropped. Under
 TP one all-gather of (N, s+2) statistics per call (``loss_kernels.vocab_parallel_stats``).
-Backward recomputes each block's logits, turns them in place into the logit gradient (the same
-kernel as ``single_kernel_mce``) and accumulates grad_hidden = G W and grad_weight += G^T h.
-That is one output GEMM more than the unfused layer (4 instead of 3) for a peak of one block of
-logits instead of all of them.
+Backward recomputes the logits tile by tile (vocabulary tiles of ``vocab_tile`` rows outside, row
+blocks inside), turns each tile in place into the logit gradient G (the same kernel as
+``single_kernel_mce``) and accumulates grad_hidden += G W_tile and grad_weight_tile += G^T h. That
+is one output GEMM more than the unfused layer (4 instead of 3) for a peak of one tile of logits
+(plus, for bf16 weights, an fp32 N x H and one fp32 tile of the weight gradient) instead of all
+the logits and their fp32 copy.
 
 Parallelism as megatron-core's ColumnParallelLinear (no bias: GPT's output layer has none): the
 hidden states enter through megatron-core's own mappings, ``copy_to_tensor_model_parallel_region``
@@ -40,7 +42,10 @@ from megatron_tst.tst.loss_kernels import (
     write_logits_grad,
 )
 
-BLOCK_ELEMENTS = 1 << 22  # logits per row block (block_rows = this // (V/tp)): 8 MiB in bf16
+# logits per block: forward (block_rows = this // (V/tp)) and backward (block_rows x vocab_tile);
+# on a GPU larger blocks keep the GEMMs efficient (M >= 512 at V = 128256)
+BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+VOCAB_TILE = 8192  # backward: vocabulary rows per weight-gradient tile
 
 
 def _blocks(rows, block_rows):
@@ -49,7 +54,7 @@ def _blocks(rows, block_rows):
 
 class _LinearMCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, target_weights, tp_group, block_rows, compile):
+    def forward(ctx, hidden, weight, targets, target_weights, tp_group, block_rows, vocab_tile, compile):
         rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
         vocab = weight.shape[0]
         h2d = hidden.reshape(-1, hidden.shape[-1])
@@ -68,7 +73,7 @@ class _LinearMCE(torch.autograd.Function):
         lse, predicted = combine_stats(row_max, sum_exp, predicted, tp_group)
         loss, total, shares = loss_and_shares(lse, predicted, targets2d, target_weights.reshape(targets2d.shape))
         ctx.save_for_backward(hidden, weight, lse, total, local_targets, shares * ~off_shard)
-        ctx.block_rows, ctx.compile = block_rows, compile
+        ctx.block_rows, ctx.vocab_tile, ctx.compile = block_rows, vocab_tile, compile
         return loss.reshape(hidden.shape[:-1])
 
     @staticmethod
@@ -76,30 +81,49 @@ class _LinearMCE(torch.autograd.Function):
         hidden, weight, lse, total, local_targets, local_shares = ctx.saved_tensors
         h2d = hidden.reshape(-1, hidden.shape[-1])
         scale = grad_output.reshape(-1).to(lse.dtype) * total
-        grad_hidden = torch.empty_like(h2d)
-        # accumulated in fp32 over the blocks (each block's bf16 GEMM rounds its own partial sum once)
-        grad_weight = torch.zeros(weight.shape, dtype=_work_dtype(weight.dtype), device=weight.device)
-        for start, end in _blocks(h2d.shape[0], ctx.block_rows):
-            logits = torch.matmul(h2d[start:end], weight.t())
-            grad_logits = write_logits_grad(logits, lse[start:end], scale[start:end],
-                                            local_targets[start:end], local_shares[start:end], ctx.compile)
-            torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if grad_weight.dtype == weight.dtype:
-                grad_weight.addmm_(grad_logits.t(), h2d[start:end])
-            else:
-                grad_weight += torch.matmul(grad_logits.t(), h2d[start:end])
-        return grad_hidden.reshape(hidden.shape), grad_weight.to(weight.dtype), None, None, None, None, None
+        work = _work_dtype(weight.dtype)
+        # vocabulary tiles outside, row blocks inside: a tile's weight gradient is complete when its
+        # rows are done (accumulated in fp32 for bf16 weights: one tile, never all of V x H); the
+        # hidden-state gradient accumulates over the tiles (N x H)
+        grad_weight = torch.empty_like(weight)
+        grad_hidden = torch.zeros(h2d.shape, dtype=work, device=h2d.device)
+        vocab = weight.shape[0]
+        tile = min(vocab, ctx.vocab_tile)
+        for v0 in range(0, vocab, tile):
+            tile_weight = weight[v0:v0 + tile]
+            width = tile_weight.shape[0]
+            shifted = local_targets - v0
+            off_tile = (shifted < 0) | (shifted >= width)
+            tile_targets, tile_shares = shifted.masked_fill(off_tile, 0), local_shares.masked_fill(off_tile, 0.0)
+            tile_grad = grad_weight[v0:v0 + tile] if work == weight.dtype else \
+                torch.zeros(tile_weight.shape, dtype=work, device=weight.device)
+            if work == weight.dtype:
+                tile_grad.zero_()
+            for start, end in _blocks(h2d.shape[0], ctx.block_rows):
+                logits = torch.matmul(h2d[start:end], tile_weight.t())
+                grad_logits = write_logits_grad(logits, lse[start:end], scale[start:end], tile_targets[start:end],
+                                                tile_shares[start:end], ctx.compile)
+                if work == weight.dtype:
+                    grad_hidden[start:end].addmm_(grad_logits, tile_weight)
+                    tile_grad.addmm_(grad_logits.t(), h2d[start:end])
+                else:  # bf16 GEMMs, their (block, tile) partial sums added in fp32
+                    grad_hidden[start:end] += torch.matmul(grad_logits, tile_weight)
+                    tile_grad += torch.matmul(grad_logits.t(), h2d[start:end])
+            if tile_grad.dtype != weight.dtype:
+                grad_weight[v0:v0 + tile] = tile_grad
+        return grad_hidden.to(hidden.dtype).reshape(hidden.shape), grad_weight, None, None, None, None, None, None
 
 
 def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequence_parallel=False,
-                     block_rows=None, compile=None, check_labels=False):
+                     block_rows=None, vocab_tile=None, compile=None, check_labels=False):
     """Per-position MCE of the column-parallel output layer ``hidden @ weight.T``, logits never stored.
 
     hidden [L(/tp with ``sequence_parallel``), b, H]; weight (V/tp, H), this rank's vocabulary
     shard (the output layer's weight, or the embedding table when tied); labels and target_weights
     [L, b, s] over the full sequence (global token ids, negative for ignored). Returns fp32 (fp64
     for fp64 inputs) losses [L, b]. ``block_rows``: positions per block (default: BLOCK_ELEMENTS
-    logits per block); ``compile``: as ``single_kernel_mce``.
+    logits per block); ``vocab_tile``: vocabulary rows per backward tile (default VOCAB_TILE);
+    ``compile``: as ``single_kernel_mce``.
     """
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}; "
@@ -129,10 +153,11 @@ def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequ
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group) \
             if sequence_parallel else copy_to_tensor_model_parallel_region(hidden, group=group)
     if block_rows is None:
-        block_rows = max(1, BLOCK_ELEMENTS // max(weight.shape[0], 1))
+        block_rows = max(1, BLOCK_ELEMENTS.get(hidden.device.type, BLOCK_ELEMENTS["cpu"]) // max(weight.shape[0], 1))
     if compile is None:
         compile = default_compile(hidden.device)
-    return _LinearMCE.apply(hidden.contiguous(), weight, labels, target_weights, group, int(block_rows), compile)
+    return _LinearMCE.apply(hidden.contiguous(), weight, labels, target_weights, group, int(block_rows),
+                            int(vocab_tile or VOCAB_TILE), compile)
 
 
 class LossFusedColumnParallelLinear(ColumnParallelLinear):
