@@ -45,7 +45,8 @@ from megatron_tst.tst.loss_kernels import (
 # logits per block: forward (block_rows = this // (V/tp)) and backward (block_rows x vocab_tile);
 # on a GPU larger blocks keep the GEMMs efficient (M >= 512 at V = 128256)
 BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
-VOCAB_TILE = 8192  # backward: vocabulary rows per weight-gradient tile
+# backward: vocabulary rows per weight-gradient tile (its fp32 accumulator: tile x H, for bf16 weights)
+VOCAB_TILE = {"cpu": 2048, "cuda": 8192}
 
 
 def _blocks(rows, block_rows):
@@ -156,8 +157,10 @@ def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequ
         block_rows = max(1, BLOCK_ELEMENTS.get(hidden.device.type, BLOCK_ELEMENTS["cpu"]) // max(weight.shape[0], 1))
     if compile is None:
         compile = default_compile(hidden.device)
+    if vocab_tile is None:
+        vocab_tile = VOCAB_TILE.get(hidden.device.type, VOCAB_TILE["cpu"])
     return _LinearMCE.apply(hidden.contiguous(), weight, labels, target_weights, group, int(block_rows),
-                            int(vocab_tile or VOCAB_TILE), compile)
+                            int(vocab_tile), compile)
 
 
 class LossFusedColumnParallelLinear(ColumnParallelLinear):
