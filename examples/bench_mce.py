@@ -8,6 +8,19 @@ inside), and forward + backward are timed together. Methods:
   listing3  mce_loss_reference: the paper's Listing 3, s calls of F.cross_entropy on fp32 logits
   megatron  ONE ordinary CE: megatron-core's tensor_parallel.vocab_parallel_cross_entropy, .sum()
   torch     ONE ordinary CE: F.cross_entropy(logits.float(), labels, reduction="sum")
+  single    single_kernel_mce (megatron_tst/tst/loss_kernels.py), its eager row blocks
+  single-compiled  the same through torch.compile (C++ on CPU, Triton on a GPU; compiled in the
+            warm-up run, which is not timed)
+  megatron-fused   ONE ordinary CE: megatron-core's fusions.fused_vocab_parallel_cross_entropy
+            (--cross-entropy-loss-fusion), .sum()
+
+With --linear the methods take hidden states (N, --hidden) and an output weight (V, --hidden)
+instead of logits (what a model's output layer + loss costs; grads of both):
+  linear-fused     fused_linear_mce (megatron_tst/tst/linear_loss.py): logits never stored
+  linear-fused-compiled   the same with its row passes compiled
+  linear-mce       the output GEMM + fused_vocab_parallel_mce (today's TST path)
+  linear-megatron  the output GEMM + megatron-core's vocab_parallel_cross_entropy (slot 0)
+  linear-megatron-fused   the output GEMM + megatron-core's fused CE (slot 0)
 
 The s targets of position j are the next bag of a random token stream, folded as in training
 (``fold_labels``: the last position has s-1 ignored targets); the one-target CEs take slot 0.
@@ -46,7 +59,12 @@ import megatron_tst  # noqa: F401  (first: the CPU compatibility layer)
 import torch
 import torch.nn.functional as F
 
-METHODS = ("fused", "listing3", "megatron", "torch")
+METHODS = ("fused", "listing3", "megatron", "torch", "single", "single-compiled", "megatron-fused")
+LINEAR_METHODS = ("linear-fused", "linear-fused-compiled", "linear-mce", "linear-megatron", "linear-megatron-fused")
+# the ratio columns: (numerator, denominator) when both ran
+RATIOS = (("fused", "megatron"), ("single", "fused"), ("single-compiled", "fused"),
+          ("single-compiled", "megatron-fused"), ("linear-fused", "linear-mce"),
+          ("linear-fused-compiled", "linear-mce"), ("linear-fused", "linear-megatron-fused"))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MiB = 2**20
 
@@ -65,7 +83,22 @@ def make_inputs(positions: int, vocab: int, bag: int, dtype: torch.dtype, device
     return logits.to(device), flat_labels.to(device), bags.contiguous().to(device)
 
 
-def fresh(base: torch.Tensor) -> torch.Tensor:
+def make_linear_inputs(positions: int, vocab: int, bag: int, hidden: int, dtype: torch.dtype, device: str,
+                       seed: int = 0):
+    """(hidden states (N, H), output weight (V, H)) whose logits have std ~2, labels, bags."""
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(positions, hidden, generator=generator).to(dtype)
+    weight = (torch.randn(vocab, hidden, generator=generator) * (2 / hidden**0.5)).to(dtype)
+    from megatron_tst.tst import fold_labels
+
+    flat_labels = torch.randint(0, vocab, (1, bag * positions), generator=generator)
+    bags = fold_labels(flat_labels, bag)[0].contiguous()
+    return (states.to(device), weight.to(device)), flat_labels.to(device), bags.to(device)
+
+
+def fresh(base):
+    if isinstance(base, tuple):
+        return tuple(fresh(part) for part in base)
     return base.detach().clone().requires_grad_()
 
 
@@ -82,6 +115,29 @@ def loss_of(method: str, logits: torch.Tensor, flat_labels: torch.Tensor, bags: 
         return vocab_parallel_cross_entropy(logits, bags[:, 0].contiguous()).sum()
     if method == "torch":
         return F.cross_entropy(logits.float(), bags[:, 0], reduction="sum")
+    if method in ("single", "single-compiled"):
+        from megatron_tst.tst import single_kernel_mce
+
+        # the gradient written into the logits buffer, as for a model's output-layer logits (a
+        # non-leaf); the benchmark's logits are a fresh leaf per call, so that is safe here
+        return single_kernel_mce(logits, bags, mce_target_weights(bags), compile=method == "single-compiled",
+                                 inplace_backward=True).sum()
+    if method == "megatron-fused":
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+        from megatron.core.parallel_state import get_tensor_model_parallel_group
+
+        return fused_vocab_parallel_cross_entropy(logits, bags[:, 0].contiguous(),
+                                                  get_tensor_model_parallel_group()).sum()
+    if method.startswith("linear-"):
+        states, weight = logits
+        if method in ("linear-fused", "linear-fused-compiled"):
+            from megatron_tst.tst import fused_linear_mce
+
+            return fused_linear_mce(states, weight, bags, mce_target_weights(bags),
+                                    compile=method == "linear-fused-compiled").sum()
+        inner = {"linear-mce": "fused", "linear-megatron": "megatron", "linear-megatron-fused": "megatron-fused"}
+        if method in inner:
+            return loss_of(inner[method], states @ weight.t(), flat_labels, bags)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -150,10 +206,10 @@ def memory_child(args) -> None:
 
     parallel.initialize()
     dtype = DTYPES[args.dtype]
-    small = make_inputs(16, 128, args.bag_one, dtype, "cpu", seed=1)
+    small = case_inputs(args, 16, 128, args.bag_one, "cpu", seed=1)
     for method in args.methods:  # warm-up: lazy initialisation, imports, first-call allocations
         loss_of(method, fresh(small[0]), *small[1:]).backward()
-    inputs = make_inputs(args.positions_one, args.vocab_one, args.bag_one, dtype, "cpu")
+    inputs = case_inputs(args, args.positions_one, args.vocab_one, args.bag_one, "cpu")
     result = {}
     for method in args.methods:
         result[method] = {
@@ -167,7 +223,7 @@ def memory_child(args) -> None:
 def memory_case(args, vocab, positions, bag) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--memory-child", "--vocab-one", str(vocab),
                "--positions-one", str(positions), "--bag-one", str(bag), "--dtype", args.dtype,
-               "--methods", *args.methods]
+               "--hidden", str(args.hidden), "--methods", *args.methods] + (["--linear"] if args.linear else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -175,6 +231,13 @@ def memory_case(args, vocab, positions, bag) -> dict:
 
 
 # ---- main ---------------------------------------------------------------------------------------
+
+def case_inputs(args, positions, vocab, bag, device, seed=0):
+    dtype = DTYPES[args.dtype]
+    if args.linear:
+        return make_linear_inputs(positions, vocab, bag, args.hidden, dtype, device, seed)
+    return make_inputs(positions, vocab, bag, dtype, device, seed)
+
 
 def ratio(a, b, floor=1e-9):
     return a / b if b is not None and a is not None and b > floor else float("nan")
@@ -191,8 +254,10 @@ def fmt_ratio(value):
 def print_table(rows, args) -> None:
     methods = args.methods
     unit = "alloc MiB" if args.device == "cpu" else "CUDA MiB"
+    pairs = [(a, b) for a, b in RATIOS if a in methods and b in methods]
     head = (["V", "N", "s"] + [f"{m} ms" for m in methods] + [f"{m} {unit}" for m in methods]
-            + ["fused/megatron time (medians)", "fused/megatron time (minima)", "fused/megatron mem"])
+            + [f"{a}/{b} {what}" for a, b in pairs
+               for what in ("time (medians)", "time (minima)", "mem")])
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
@@ -201,9 +266,9 @@ def print_table(rows, args) -> None:
         cells += [fmt(t.get(k), ".1f") for k in methods]
         cells += [fmt(m[k]["alloc"] if k in m else None, ".0f") for k in methods]
         low = {k: min(v) for k, v in row["all_ms"].items()}
-        cells += [fmt_ratio(ratio(t.get("fused"), t.get("megatron"))),
-                  fmt_ratio(ratio(low.get("fused"), low.get("megatron"))),
-                  fmt_ratio(ratio(m.get("fused", {}).get("alloc"), m.get("megatron", {}).get("alloc"), 1.0))]
+        for a, b in pairs:
+            cells += [fmt_ratio(ratio(t.get(a), t.get(b))), fmt_ratio(ratio(low.get(a), low.get(b))),
+                      fmt_ratio(ratio(m.get(a, {}).get("alloc"), m.get(b, {}).get("alloc"), 1.0))]
         print("| " + " | ".join(cells) + " |")
     if args.device == "cpu" and any(row["peak_mib"] for row in rows):
         print("\nresident-set cross-check (VmHWM - VmRSS before, MiB):")
@@ -226,7 +291,11 @@ def main():
                         help="timed runs of the (slow) Listing-3 loop; default --repeats")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="logits dtype")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + LINEAR_METHODS,
+                        help=f"default: {' '.join(METHODS)}; with --linear {' '.join(LINEAR_METHODS)}")
+    parser.add_argument("--linear", action="store_true",
+                        help="output layer + loss: hidden states and an output weight in (the linear-* methods)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size H with --linear")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-memory", action="store_true", help="time only")
@@ -242,12 +311,15 @@ def main():
         torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args)
+    if args.methods is None:
+        args.methods = list(LINEAR_METHODS if args.linear else METHODS)
+    if args.linear != all(m.startswith("linear-") for m in args.methods):
+        parser.error("the linear-* methods go with --linear, the others without it")
     if args.quick:
         args.vocab, args.positions, args.bag_sizes, args.repeats = [4096], 256, [1, 16], 2
+        args.hidden = min(args.hidden, 128)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
-    if "fused" in args.methods and "megatron" not in args.methods:
-        parser.error("the fused/megatron ratios need both methods")
 
     from megatron_tst import parallel
 
@@ -260,7 +332,7 @@ def main():
     for vocab in args.vocab:
         positions = args.positions or (2048 if vocab <= 65536 else 1024)
         for bag in args.bag_sizes:
-            base, flat_labels, bags = make_inputs(positions, vocab, bag, dtype, args.device)
+            base, flat_labels, bags = case_inputs(args, positions, vocab, bag, args.device)
             repeats = {m: args.repeats for m in args.methods}
             if "listing3" in repeats and args.listing3_repeats:
                 repeats["listing3"] = args.listing3_repeats

@@ -72,8 +72,11 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         vp_stage = stage if par.virtual_pipeline_model_parallel_size else None
         chunks.append(build_gpt_model(
             arch, model_config,
-            tst=plan is not None,  # without TST flags (baseline, recovery job) a plain GPTModel
+            # without TST flags (baseline, recovery job) a plain GPTModel, unless the fused output
+            # layer + loss is asked for (TSTGPTModel has it; same state dict)
+            tst=plan is not None or config.model.output_layer_loss_fusion,
             loss_weighting=plan.loss_weighting if plan else "uniform",
+            output_layer_loss_fusion=config.model.output_layer_loss_fusion,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage, seq_length=config.model.seq_length,

@@ -49,7 +49,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cat "$out/environment.txt"
 
 status=0
-"$python" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_fast_step.py tests/test_te.py 2>&1 | tee "$out/gpu_tests.log"
+"$python" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_fast_step.py tests/test_gpu_loss_kernels.py tests/test_te.py 2>&1 | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 "$python" examples/bench_gpu.py --profile --output "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -254,12 +254,14 @@ def build_gpt_model(
     *,
     tst: bool = True,
     loss_weighting: Weighting = "uniform",
+    output_layer_loss_fusion: bool = False,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
     seq_length: int | None = None,
 ) -> GPTModel:
-    """A TSTGPTModel (``tst=True``) or a plain GPTModel of the same shape and state-dict layout."""
+    """A TSTGPTModel (``tst=True``) or a plain GPTModel of the same shape and state-dict layout.
+    ``output_layer_loss_fusion`` (TSTGPTModel only): see ``TSTGPTModel``."""
     kwargs = dict(
         config=config,
         transformer_layer_spec=layer_spec(arch, config),
@@ -276,5 +278,7 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     if tst:
-        return TSTGPTModel(loss_weighting=loss_weighting, **kwargs)
+        return TSTGPTModel(loss_weighting=loss_weighting, output_layer_loss_fusion=output_layer_loss_fusion, **kwargs)
+    if output_layer_loss_fusion:
+        raise ValueError("output_layer_loss_fusion needs the TSTGPTModel (tst=True)")
     return GPTModel(**kwargs)

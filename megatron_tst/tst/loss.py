@@ -136,6 +136,15 @@ def listing3_target_weights(labels: torch.Tensor, weighting: Weighting = "unifor
     return valid * weights / (weights.sum() * per_slot_count)
 
 
+def check_label_range(labels: torch.Tensor, vocab_size: int) -> None:
+    """Refuse labels at or beyond the (whole, unsharded) vocabulary: a host sync off the CPU."""
+    if labels.numel() and int(labels.max()) >= vocab_size:
+        raise ValueError(
+            f"label {int(labels.max())} is outside the vocabulary of {vocab_size} tokens; the data and the "
+            f"model's (padded) vocabulary size disagree: check --tokenizer-model / --vocab-size"
+        )
+
+
 def _tp_group_or_none(tp_group):
     if tp_group is not None:
         return tp_group
@@ -210,4 +219,7 @@ def fused_vocab_parallel_mce(logits, labels, target_weights, tp_group=None) -> t
             f"labels {tuple(labels.shape)} and target weights {tuple(target_weights.shape)} must "
             f"both be (..., s) over the logits' leading dimensions {tuple(logits.shape[:-1])}"
         )
-    return _VocabParallelMCE.apply(logits, labels, target_weights, _tp_group_or_none(tp_group))
+    group = _tp_group_or_none(tp_group)
+    if labels.device.type == "cpu":  # free there; on a GPU it would be a host sync per step
+        check_label_range(labels, logits.shape[-1] * (1 if group is None else torch.distributed.get_world_size(group)))
+    return _VocabParallelMCE.apply(logits, labels, target_weights, group)

