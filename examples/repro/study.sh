@@ -445,6 +445,15 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
             --baselines-by-length "$RUNS/S-B64-T500-base-lr$lr" "$RUNS/S-B64-T1000-base-lr$lr" \
             "$RUNS/S-B64-T2000-base-lr$lr" "$RUNS/S-B64-T4000-base-lr$lr"
     done
+    # steps or tokens: the four configurations side by side (batch 16 and 64, equal tokens across the diagonal)
+    local b500 b2000
+    b500=$(best_of "S-B64-T500-base-lr" 500 partial $(batch_rates) 5e-4 8e-3)
+    b2000=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
+    pairs_report "steps-or-tokens" \
+        "b16 T=2000 (2M tokens)" "$RUNS/S-base-lr1e-3" "$RUNS/S-tst-s4-r0.3-lr1e-3" \
+        "b64 T=500 (2M tokens)" "$RUNS/S-B64-T500-base-lr$b500" "$RUNS/S-B64-T500-tst-s4-r0.3-lr$b500" \
+        "b16 T=$T_LONG (8M tokens)" "$RUNS/S-T$T_LONG-base-lr$LONG_LR" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR" \
+        "b64 T=2000 (8M tokens)" "$RUNS/S-B64-T2000-base-lr$b2000" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$b2000"
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
         pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
