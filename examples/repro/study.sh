@@ -2,7 +2,8 @@
 # Does TST pay off below 270M parameters? The small-scale study of issue 10 on a 2-core CPU, with
 # every run through the real launcher (resumable: rerun the same command after an interruption).
 #
-#   bash examples/repro/study.sh                 all stages in order: corpus lr size steps long grid crossover report
+#   bash examples/repro/study.sh                 all stages in order: corpus lr size steps long grid crossover
+#                                                batch seeds sr corpus2 report
 #   bash examples/repro/study.sh lr size         only these stages (each skips finished runs)
 #   DRY_RUN=1 bash examples/repro/study.sh       print every run's exact command, run nothing
 #
@@ -22,6 +23,13 @@
 #           {0.2,0.4}; power weighting at s=8 r=0.4; a 2T-step baseline for the iso-loss reading
 #   crossover does S's win at T=$T_LONG hold one size up: M's baseline and TST s=4 r=0.3 at T_LONG,
 #           M's lr (set by step count, M wins too; by tokens per parameter, 4x fewer, it does not)
+#   batch   steps or tokens (issue 22): S at global batch 64, T=500 and 2000 (batch 16's tokens at 2000 and
+#           8000), the baseline's rate tuned per length, TST s=4 r=0.3 at the best, a length ladder; and the
+#           batch-16 T=2000 pair again with today's code
+#   seeds   the winning pair (S, T=$T_LONG, s=4 r=0.3) at five seeds (B64_SEEDS=1: batch 64 at T=2000 too)
+#   sr      s in {2,3,4,6} x r in {0.2,0.3,0.4} at S, T=$T_LONG
+#   corpus2 the winning pair on a second corpus (Linux kernel sources, its own tokenizer), two seeds, and
+#           the baseline's rate rechecked there
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
 # Stages run only when named (a GPU machine; see examples/repro/gpu_size_up.sh):
 #   gpu     one size up: L and XL (~34M), baseline and TST s=4 r=0.3 at gpu_rates, all runs at once
