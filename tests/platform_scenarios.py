@@ -65,6 +65,9 @@ def _model(preset_name: str, **config_fields):
     from megatron_tst.models import build_gpt_model, preset, transformer_config
 
     arch = preset(preset_name)
+    # megatron-core's own attention (--attention-backend local), whose causal mask and recompute paths
+    # are what the platform layer makes run on CPU; the default SDPA attention builds no mask
+    config_fields.setdefault("attention_backend", "local")
     config = transformer_config(arch, **config_fields)
     return build_gpt_model(arch, config, tst=False), config
 

@@ -288,7 +288,7 @@ def test_recipe_flags_for_a_gpu_cluster_parse_on_any_machine():
 def test_the_gpu_benchmark_runs_end_to_end_at_tiny_shapes(tmp_path):
     output = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py"), "--quick",
-                           "--profile", "--profile-top", "3", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           "--profile", "--profile-top", "12", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert done.returncode == 0, done.stderr[-3000:]
     import json
@@ -298,7 +298,8 @@ def test_the_gpu_benchmark_runs_end_to_end_at_tiny_shapes(tmp_path):
     assert {(row["s"], row["method"]) for row in results["losses"]} >= {(16, "mce-s16"), (16, "megatron-fused")}
     assert [(row["layout"], row["samples"]) for row in results["layouts"]] == [("2x2", 4), ("4x1", 4)]
     assert sorted(results["profile"]) == ["gptmodel", "tst-s6"]
-    assert all("aten::mm" in table for table in results["profile"].values())
+    # the top 12 ops by self time hold a matmul (which ranks first varies with the machine's load)
+    assert all("aten::mm" in table or "aten::addmm" in table for table in results["profile"].values())
     refused = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert refused.returncode == 1 and refused.stderr.strip().startswith("error: examples/bench_gpu.py measures a CUDA GPU")
