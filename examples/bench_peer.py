@@ -47,7 +47,10 @@ def model_flags(args) -> list[str]:
             "--ffn-hidden-size", str(args.ffn_hidden_size), "--num-attention-heads", str(args.num_attention_heads),
             "--num-query-groups", str(args.num_query_groups), "--vocab-size", str(args.vocab_size),
             "--max-position-embeddings", str(max(args.seq_length, 4096)),
-            "--untie-embeddings-and-output-weights", "--rotary-base", "500000"]
+            "--untie-embeddings-and-output-weights", "--rotary-base", "500000",
+            # the Llama shape (without a preset the flags' defaults are Megatron-LM's GPT: LayerNorm, GeLU, ...)
+            "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
+            "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
 class Ours:
