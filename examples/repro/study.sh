@@ -247,6 +247,11 @@ batch_rates() {  # the S baseline sweep at 4x the tokens per step (larger batche
     echo "1e-3 2e-3 4e-3"
 }
 
+b64_best() {  # b64_best T: the batch-64 baseline rate that ended lowest at length T among the finished runs
+    # (the sweep's rates and the edge runs, where they ran)
+    best_of "S-B64-T$1-base-lr" "$1" partial $(batch_rates) 5e-4 8e-3
+}
+
 b64() {  # b64 NAME SIZE LR T [flags...]: run at global batch 64 in four micro-batches of 16 (the batch-16
     # runs' validation samples), warm-up and evaluations every T/20 steps
     GLOBAL_BATCH=64 WARMUP=${WARMUP:-$(($4 / 20))} run "$@"
@@ -277,7 +282,7 @@ stage_batch() {  # steps or tokens? S with global batch 64 at T=500 and 2000 (th
     if [ -n "${RUN_FILTER:-}" ] && ! [[ "S-B64-T1000-base-lr" =~ $RUN_FILTER || "S-B64-T4000-base-lr" =~ $RUN_FILTER ]]; then
         return 0
     fi
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $rates 5e-4 8e-3)  # the edge runs where they ran
+    lr=$(b64_best 2000)
     for t in 1000 4000; do  # the length ladder at T=2000's rate and warm-up: the runs differ in length only
         WARMUP=100 b64 "S-B64-T$t-base-lr$lr" S "$lr" "$t"
     done
@@ -305,7 +310,7 @@ stage_seeds() {  # a confidence interval on the win: the winning pair (S, T=$T_L
             $(seed_args "$i")
     done
     [ "${B64_SEEDS:-0}" = "1" ] || return 0
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
+    lr=$(b64_best 2000)
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
         b64 "S-B64-T2000-base-lr$lr$suffix" S "$lr" 2000 $(seed_args "$i")
@@ -448,15 +453,15 @@ pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST..
 report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid, the second corpus
     local t lr i suffix pairs=() s r grid=()
     for t in 500 2000; do
-        lr=$(best_of "S-B64-T$t-base-lr" "$t" partial $(batch_rates) 5e-4 8e-3)
+        lr=$(b64_best "$t")
         report "batch-S-B64-T$t" "$RUNS/S-B64-T$t-tst-s4-r0.3-lr$lr" --baseline "$RUNS/S-B64-T$t-base-lr$lr" \
             --baselines-by-length "$RUNS/S-B64-T500-base-lr$lr" "$RUNS/S-B64-T1000-base-lr$lr" \
             "$RUNS/S-B64-T2000-base-lr$lr" "$RUNS/S-B64-T4000-base-lr$lr"
     done
     # steps or tokens: the four configurations side by side (batch 16 and 64, equal tokens across the diagonal)
     local b500 b2000
-    b500=$(best_of "S-B64-T500-base-lr" 500 partial $(batch_rates) 5e-4 8e-3)
-    b2000=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
+    b500=$(b64_best 500)
+    b2000=$(b64_best 2000)
     pairs_report "steps-or-tokens" \
         "b16 T=2000 (2M tokens)" "$RUNS/S-base-lr1e-3" "$RUNS/S-tst-s4-r0.3-lr1e-3" \
         "b64 T=500 (2M tokens)" "$RUNS/S-B64-T500-base-lr$b500" "$RUNS/S-B64-T500-tst-s4-r0.3-lr$b500" \
@@ -466,7 +471,7 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
         suffix=$(seed_suffix "$i")
         pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
     done
-    lr=$(best_of "S-B64-T2000-base-lr" 2000 partial $(batch_rates) 5e-4 8e-3)
+    lr=$(b64_best 2000)
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
         pairs+=("S b64 T=2000 s=4 r=0.3" "$RUNS/S-B64-T2000-base-lr$lr$suffix" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$lr$suffix")
