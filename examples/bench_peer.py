@@ -13,11 +13,16 @@ process (both alive), the ratio also per round. Memory: each model alone in a fr
 script re-runs itself): on a GPU torch.cuda.max_memory_allocated from before the model is built;
 on a CPU the growth of the process's peak resident set from just before the model is built to
 after the steps (getrusage ru_maxrss when the peak falls in the run, else a 1 ms sampler of
-/proc/self/statm), which counts weights, optimizer state, activations and allocator slack alike. --seq-scaling A B also measures both peaks at sequence lengths A and B
-(attention memory linear in the sequence means the ratio stays near B/A for the activations).
+/proc/self/statm), which counts weights, optimizer state, activations and allocator slack alike.
+--seq-scaling A B also measures both peaks at sequence lengths A and B (attention memory linear in
+the sequence means the ratio stays near B/A for the activations). At 8 layers x 512, micro-batch 4,
+seq 4096 a child needs about 20 GiB (the 32000-wide logits and their gradients alone are 2 GiB a
+copy), more than the 23 GiB CPU machine has beside other jobs: the kernel kills it. Measure the
+scaling on the small shape below.
 
   python examples/bench_peer.py                                   # 8 layers x 512, seq 1024, fp32 on CPU
-  python examples/bench_peer.py --seq-length 2048 --seq-scaling 1024 4096
+  python examples/bench_peer.py --num-layers 2 --hidden-size 256 --ffn-hidden-size 768 --num-attention-heads 4 \
+      --num-query-groups 2 --micro-batch-size 2 --no-memory --seq-scaling 1024 4096   # memory against seq
   python examples/bench_peer.py --quick                           # tiny shapes: checks the script
 """
 
@@ -161,8 +166,12 @@ def measure_memory(args, name: str, seq_length: int) -> dict:
         argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     argv.append("--bf16" if args.bf16 else "--no-bf16")
     done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode == -9:  # SIGKILL: on Linux, the kernel's out-of-memory killer
+        raise RuntimeError(f"memory run of {name} at seq {seq_length} was killed (SIGKILL), most likely out of "
+                           "memory; use a smaller --micro-batch-size, --num-layers or --hidden-size")
     if done.returncode != 0:
-        raise RuntimeError(f"memory run of {name} at seq {seq_length} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"memory run of {name} at seq {seq_length} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
