@@ -159,6 +159,27 @@ def _current_rss() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def profile_models(args, top: int) -> dict:
+    """torch.profiler over one step of each model (after --warmup steps), op by op: self time (device
+    time on a GPU, CPU time on a CPU), call counts and, on a CPU, the memory each op allocates itself.
+    Compare shares and counts: on a loaded machine wall-clock is noise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.cuda()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables = {}
+    for name, cls in MODELS.items():
+        model = cls(args)
+        for _ in range(args.warmup):
+            model.step()
+        with profile(activities=activities, profile_memory=True) as prof:
+            model.step()
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=top)
+        del model
+    return tables
+
+
 def measure_memory(args, name: str, seq_length: int) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--seq-length", str(seq_length)]
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -193,6 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-scaling", type=int, nargs=2, metavar=("A", "B"), default=None,
                         help="also measure both models' peak memory at sequence lengths A and B")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="time only")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one step of each model "
+                        "(torch.profiler) and stop")
+    parser.add_argument("--profile-top", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, to check the script (CPU too)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--memory-child", choices=sorted(MODELS), default=None, help=argparse.SUPPRESS)
@@ -213,6 +237,13 @@ def main(argv=None) -> int:
         return 0
 
     parallel.initialize(seed=1234)
+    if args.profile:
+        for name, table in profile_models(args, args.profile_top).items():
+            print(f"\nprofile: one {name} step, {args.num_layers} layers x {args.hidden_size}, seq {args.seq_length}, "
+                  f"micro-batch {args.micro_batch_size}")
+            print(table)
+        parallel.shutdown()
+        return 0
     models = {name: cls(args) for name, cls in MODELS.items()}
     times = {name: [] for name in models}
     for round_index in range(args.warmup + args.steps):
