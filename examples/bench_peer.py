@@ -23,6 +23,7 @@ scaling on the small shape below.
   python examples/bench_peer.py                                   # 8 layers x 512, seq 1024, fp32 on CPU
   python examples/bench_peer.py --num-layers 2 --hidden-size 256 --ffn-hidden-size 768 --num-attention-heads 4 \
       --num-query-groups 2 --micro-batch-size 2 --no-memory --seq-scaling 1024 4096   # memory against seq
+  python examples/bench_peer.py --fusions compare                 # ours with and without the compiled fusions
   python examples/bench_peer.py --quick                           # tiny shapes: checks the script
 """
 
@@ -58,9 +59,15 @@ def model_flags(args) -> list[str]:
             "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
+# megatron-core's torch.compile fusions without TE (on by default on a GPU, asked for on a CPU)
+FUSION_FLAGS = {"default": [], "on": ["--bias-swiglu-fusion", "--bias-dropout-fusion"],
+                "off": ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"]}
+
+
 class Ours:
-    def __init__(self, args):
-        ns = argparse.Namespace(preset=None, model_flags=model_flags(args), seq_length=args.seq_length,
+    def __init__(self, args, fusions: str = "default"):
+        ns = argparse.Namespace(preset=None, model_flags=model_flags(args) + FUSION_FLAGS[fusions],
+                                seq_length=args.seq_length,
                                 micro_batch_size=args.micro_batch_size, micro_batches=1, bf16=args.bf16,
                                 attention_backend=args.attention_backend)
         self.trainer = bench_gpu.Trainer(ns, "ours", None, False)
@@ -104,7 +111,19 @@ class Peer:
         return value
 
 
-MODELS = {"ours": Ours, "peer": Peer}
+MODELS = ("ours", "ours-unfused", "peer")  # ours-unfused: --fusions compare's second build of ours
+
+
+def model_names(args) -> list[str]:
+    return ["ours", "ours-unfused", "peer"] if args.fusions == "compare" else ["ours", "peer"]
+
+
+def build(name: str, args):
+    if name == "peer":
+        return Peer(args)
+    if name == "ours-unfused":
+        return Ours(args, "off")
+    return Ours(args, "on" if args.fusions == "compare" else args.fusions)
 
 
 def memory_child(args) -> dict:
@@ -116,7 +135,7 @@ def memory_child(args) -> dict:
     else:
         sampler = RSSSampler()
         before, lifetime_peak = _current_rss(), _max_rss()
-    model = MODELS[args.memory_child](args)
+    model = build(args.memory_child, args)
     for _ in range(args.warmup + 2):
         model.step()
     if device.cuda():
@@ -169,8 +188,8 @@ def profile_models(args, top: int) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     tables = {}
-    for name, cls in MODELS.items():
-        model = cls(args)
+    for name in model_names(args):
+        model = build(name, args)
         for _ in range(args.warmup):
             model.step()
         with profile(activities=activities, profile_memory=True) as prof:
@@ -183,7 +202,7 @@ def profile_models(args, top: int) -> dict:
 def measure_memory(args, name: str, seq_length: int) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--seq-length", str(seq_length)]
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "vocab_size", "micro_batch_size", "warmup", "attention_backend"):
+                "vocab_size", "micro_batch_size", "warmup", "attention_backend", "fusions"):
         argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     argv.append("--bf16" if args.bf16 else "--no-bf16")
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -213,6 +232,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--seq-scaling", type=int, nargs=2, metavar=("A", "B"), default=None,
                         help="also measure both models' peak memory at sequence lengths A and B")
+    parser.add_argument("--fusions", choices=("default", "on", "off", "compare"), default="default",
+                        help="megatron-core's compiled SwiGLU and bias-dropout-add in ours: default (on with a GPU, "
+                        "off on a CPU), on, off, or compare (ours with and without them, side by side)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="time only")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step of each model "
                         "(torch.profiler) and stop")
@@ -244,7 +266,7 @@ def main(argv=None) -> int:
             print(table)
         parallel.shutdown()
         return 0
-    models = {name: cls(args) for name, cls in MODELS.items()}
+    models = {name: build(name, args) for name in model_names(args)}
     times = {name: [] for name in models}
     for round_index in range(args.warmup + args.steps):
         for name, model in models.items():
@@ -264,13 +286,15 @@ def main(argv=None) -> int:
         time_ratio=median["ours"] / median["peer"],
         time_ratio_per_round=statistics.median(o / p for o, p in zip(times["ours"], times["peer"])),
     )
+    if "ours-unfused" in times:
+        results["fusions_time_ratio"] = median["ours"] / median["ours-unfused"]
     if args.memory:
-        peaks = {name: measure_memory(args, name, args.seq_length)["peak_bytes"] for name in MODELS}
+        peaks = {name: measure_memory(args, name, args.seq_length)["peak_bytes"] for name in model_names(args)}
         results.update(peak_gib={k: v / 2**30 for k, v in peaks.items()}, memory_ratio=peaks["ours"] / max(peaks["peer"], 1))
     if args.seq_scaling:
         short, long = args.seq_scaling
         scaling = {}
-        for name in MODELS:
+        for name in model_names(args):
             a, b = (measure_memory(args, name, seq)["peak_bytes"] for seq in (short, long))
             scaling[name] = dict(peak_gib={short: a / 2**30, long: b / 2**30}, ratio=b / max(a, 1))
         results["seq_scaling"] = scaling
@@ -280,13 +304,18 @@ def main(argv=None) -> int:
           f"{parameters['ours']:,} / peer {parameters['peer']:,}")
     print("| model | median ms | tokens/s | peak GiB (alone) |")
     print("|---|---|---|---|")
-    for name in MODELS:
+    for name in model_names(args):
         gib = f"{results['peak_gib'][name]:.2f}" if args.memory else "n/a"
         print(f"| {name} | {results['median_ms'][name]:.1f} | {results['tokens_per_s'][name]:,.0f} | {gib} |")
     line = f"ours / peer: time {results['time_ratio']:.3f}x (per round {results['time_ratio_per_round']:.3f}x)"
     if args.memory:
         line += f", peak memory {results['memory_ratio']:.3f}x"
     print(line)
+    if "fusions_time_ratio" in results:
+        line = f"ours with / without the compiled fusions: time {results['fusions_time_ratio']:.3f}x"
+        if args.memory:
+            line += f", peak memory {results['peak_gib']['ours'] / results['peak_gib']['ours-unfused']:.3f}x"
+        print(line)
     for name, row in results.get("seq_scaling", {}).items():
         (a, pa), (b, pb) = row["peak_gib"].items()
         print(f"{name}: peak {pa:.2f} GiB at seq {a}, {pb:.2f} GiB at seq {b}: {row['ratio']:.2f}x for {b / a:.0f}x "

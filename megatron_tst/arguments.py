@@ -117,7 +117,7 @@ class ModelOptions:
                                       default=False)
     no_bias_dropout_fusion: bool = _help("do not fuse bias, dropout and the residual add", default=False)
     # ours: megatron-core's torch.compile fusions on a CPU, where they are off by default (``compiled_fusion``)
-    bias_swiglu_fusion: bool = _help("on a CPU too: megatron-core's compiled SwiGLU/GeLU (torch.compile; on by "
+    bias_swiglu_fusion: bool = _help("on a CPU too: megatron-core's compiled SwiGLU (torch.compile; on by "
                                      "default on a GPU)", default=False)
     bias_dropout_fusion: bool = _help("on a CPU too: megatron-core's compiled bias-dropout-add (torch.compile; on "
                                       "by default on a GPU)", default=False)
@@ -437,7 +437,8 @@ def fusion_settings(config: PretrainConfig, arch: GPTArchitecture) -> dict:
     return dict(
         gradient_accumulation_fusion=not model.no_gradient_accumulation_fusion
         and gradient_accumulation_fusion_available(),
-        bias_activation_fusion=activation_fusion(arch, not model.no_bias_swiglu_fusion, not model.no_bias_gelu_fusion),
+        bias_activation_fusion=activation_fusion(arch, not model.no_bias_swiglu_fusion,
+                                                 not model.no_bias_gelu_fusion),
         apply_rope_fusion=not model.no_rope_fusion,
         masked_softmax_fusion=not model.no_masked_softmax_fusion,
         bias_dropout_fusion=not model.no_bias_dropout_fusion,
@@ -568,8 +569,9 @@ def compiled_fusion(on: bool, off: bool) -> bool:
 def torch_fusion_settings(config: PretrainConfig, arch: GPTArchitecture) -> dict:
     """TransformerConfig fields for megatron-core's fusions that need no Transformer Engine, with
     Megatron-LM's flags. Without TE (with TE ``fusion_settings`` sets them): the compiled SwiGLU
-    (``bias_activation_fusion``; GeLU's only on a GPU) and bias-dropout-add per ``compiled_fusion``; the RoPE fusion stays
-    off (megatron-core's is TE's kernel, its TransformerConfig refuses it without TE)."""
+    (``bias_activation_fusion``; the GeLU one only on a GPU) and bias-dropout-add per
+    ``compiled_fusion``; the RoPE fusion stays off (megatron-core's is TE's kernel, its
+    TransformerConfig refuses it without TE)."""
     model = config.model
     settings = dict(cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
                     cross_entropy_fusion_impl=model.cross_entropy_fusion_impl)

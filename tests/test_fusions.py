@@ -6,7 +6,7 @@ losses and gradients; the TE-only settings are refused in one line without Trans
 import pytest
 import torch
 
-from megatron_tst import parallel
+from megatron_tst import device, parallel
 from megatron_tst.arguments import parse_args
 from megatron_tst.pretrain import build_model, main
 from tests.conftest import clear_te_attention_variables
@@ -62,8 +62,9 @@ def _loss_and_grads(argv):
     parallel.initialize(seed=3)
     clear_te_attention_variables()
     chunks, model_config = build_model(config, config.model.architecture(), None)
-    tokens = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
-    losses = chunks[0](tokens[:, :-1], torch.arange(16).expand(2, 16), None, labels=tokens[:, 1:])
+    tokens = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0)).to(device.current())
+    positions = torch.arange(16, device=tokens.device).expand(2, 16)
+    losses = chunks[0](tokens[:, :-1], positions, None, labels=tokens[:, 1:])
     losses.sum().backward()
     grads = {name: p.main_grad.clone() for name, p in chunks[0].module.named_parameters()}
     parallel.shutdown()
