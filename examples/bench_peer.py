@@ -18,7 +18,9 @@ after the steps (getrusage ru_maxrss when the peak falls in the run, else a 1 ms
 the sequence means the ratio stays near B/A for the activations). At 8 layers x 512, micro-batch 4,
 seq 4096 a child needs about 20 GiB (the 32000-wide logits and their gradients alone are 2 GiB a
 copy), more than the 23 GiB CPU machine has beside other jobs: the kernel kills it. Measure the
-scaling on the small shape below.
+scaling on the small shape below. --fusions compare builds ours twice, with and without
+megatron-core's compiled SwiGLU and bias-dropout-add; on a CPU the compiled build's peak also holds
+torch.compile's own memory (about 20 MB: it dominates at --quick shapes).
 
   python examples/bench_peer.py                                   # 8 layers x 512, seq 1024, fp32 on CPU
   python examples/bench_peer.py --num-layers 2 --hidden-size 256 --ffn-hidden-size 768 --num-attention-heads 4 \

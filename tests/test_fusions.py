@@ -23,7 +23,9 @@ def test_cross_entropy_loss_fusion_flag_builds_megatron_cores_fused_loss(single_
         chunks, model_config = build_model(config, config.model.architecture(), None)
         assert model_config.cross_entropy_loss_fusion == bool(flags)
         assert model_config.cross_entropy_fusion_impl == "native"
-        assert model_config.bias_activation_fusion == torch.cuda.is_available() and not model_config.apply_rope_fusion
+        # the compiled fusions: on by default on a GPU, off on a CPU; RoPE's is TE's kernel only
+        assert model_config.bias_activation_fusion == model_config.bias_dropout_fusion == torch.cuda.is_available()
+        assert not model_config.apply_rope_fusion
         tokens = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(0))
         # megatron-core compiles the fused loss with torch.compile; eager here keeps the test short
         # (the same arithmetic: the compiled kernel is megatron-core's business)
@@ -76,8 +78,9 @@ def _loss_and_grads(argv):
 def test_compiled_swiglu_and_bias_dropout_add_equal_unfused(shape):
     """megatron-core's torch.compile fusions without TE (--bias-swiglu-fusion, --bias-dropout-fusion,
     on a CPU only when asked for) are what runs, and give the unfused losses and gradients."""
-    plain_loss, plain_grads, plain_nodes, fused = _loss_and_grads(shape)
-    assert fused == ((torch.cuda.is_available(),) * 2 + (False,))  # defaults: GPU on, CPU off; RoPE: TE's only
+    plain_loss, plain_grads, plain_nodes, fused = _loss_and_grads(
+        shape + ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"])
+    assert fused == (False, False, False)
     assert "SiluBackward0" in plain_nodes and "CompiledFunctionBackward" not in plain_nodes
     swiglu = "BiasSwiGLUFunctionBackward" if shape is GPT_WITH_BIASES else "SwiGLUFunctionBackward"
     for flags, fused_node in ((["--bias-swiglu-fusion", "--no-bias-dropout-fusion"], swiglu),
