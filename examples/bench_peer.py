@@ -8,8 +8,8 @@ RoPE, grouped-query attention, untied embeddings), torch AdamW (fused where torc
 same hyper-parameters and gradient clipping at 1.0. Both see ``--micro-batch-size`` samples of
 ``--seq-length`` tokens per step (one micro-batch), fp32 on a CPU, bf16 on a GPU (--bf16/--no-bf16).
 
-Time: median of --steps steps after --warmup, the two models interleaved step by step in one
-process (both alive), the ratio also per round. Memory: each model alone in a fresh process (this
+Time: median of --steps steps after --warmup, the models interleaved step by step in one
+process (all alive), the ratio also per round. Memory: each model alone in a fresh process (this
 script re-runs itself): on a GPU torch.cuda.max_memory_allocated from before the model is built;
 on a CPU the growth of the process's peak resident set from just before the model is built to
 after the steps (getrusage ru_maxrss when the peak falls in the run, else a 1 ms sampler of
@@ -26,6 +26,7 @@ torch.compile's own memory (about 20 MB: it dominates at --quick shapes).
   python examples/bench_peer.py --num-layers 2 --hidden-size 256 --ffn-hidden-size 768 --num-attention-heads 4 \
       --num-query-groups 2 --micro-batch-size 2 --no-memory --seq-scaling 1024 4096   # memory against seq
   python examples/bench_peer.py --fusions compare                 # ours with and without the compiled fusions
+  python examples/bench_peer.py --micro-batch-size 2 --warmup 2 --profile   # one step of each, op by op
   python examples/bench_peer.py --quick                           # tiny shapes: checks the script
 """
 
