@@ -113,6 +113,14 @@ class ModelOptions:
     no_bias_swiglu_fusion: bool = _help("do not fuse the SwiGLU activation", default=False)
     no_rope_fusion: bool = _help("do not fuse rotary position embedding", default=False)
     no_masked_softmax_fusion: bool = _help("do not fuse scale, mask and softmax", default=False)
+    no_bias_gelu_fusion: bool = _help("do not fuse bias and GeLU (fused only with biases, as Megatron-LM)",
+                                      default=False)
+    no_bias_dropout_fusion: bool = _help("do not fuse bias, dropout and the residual add", default=False)
+    # ours: megatron-core's torch.compile fusions on a CPU, where they are off by default (``compiled_fusion``)
+    bias_swiglu_fusion: bool = _help("on a CPU too: megatron-core's compiled SwiGLU (torch.compile; on by "
+                                     "default on a GPU)", default=False)
+    bias_dropout_fusion: bool = _help("on a CPU too: megatron-core's compiled bias-dropout-add (torch.compile; on "
+                                      "by default on a GPU)", default=False)
     # --- a fast step without Transformer Engine (issue 19); checked in check_attention_backend ---
     attention_backend: str = _help("auto, flash, fused, unfused or local. auto: Transformer Engine's attention "
                                    "where it is used, else flash; flash without TE: torch's fused SDPA kernels; "
@@ -413,7 +421,13 @@ def gradient_accumulation_fusion_available() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
-def fusion_settings(config: PretrainConfig) -> dict:
+def activation_fusion(arch: GPTArchitecture, swiglu_on: bool, gelu_on: bool) -> bool:
+    """megatron-core's fused activation where it has one: SwiGLU, or GeLU after a bias (Megatron-LM
+    turns --bias-gelu-fusion off without biases; megatron-core's config refuses it)."""
+    return swiglu_on if arch.swiglu else gelu_on and arch.add_bias_linear
+
+
+def fusion_settings(config: PretrainConfig, arch: GPTArchitecture) -> dict:
     """TransformerConfig fields for the fusions Megatron-LM users get by default with Transformer
     Engine; each has Megatron-LM's --no-... switch. None without Transformer Engine (the local
     spec's numbers stay those of the plain torch ops)."""
@@ -423,10 +437,11 @@ def fusion_settings(config: PretrainConfig) -> dict:
     return dict(
         gradient_accumulation_fusion=not model.no_gradient_accumulation_fusion
         and gradient_accumulation_fusion_available(),
-        bias_activation_fusion=not model.no_bias_swiglu_fusion,
+        bias_activation_fusion=activation_fusion(arch, not model.no_bias_swiglu_fusion,
+                                                 not model.no_bias_gelu_fusion),
         apply_rope_fusion=not model.no_rope_fusion,
         masked_softmax_fusion=not model.no_masked_softmax_fusion,
-        bias_dropout_fusion=True,
+        bias_dropout_fusion=not model.no_bias_dropout_fusion,
     )
 
 
@@ -543,13 +558,30 @@ def model_settings(config: PretrainConfig) -> dict:
 CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
 
 
-def torch_fusion_settings(config: PretrainConfig) -> dict:
+def compiled_fusion(on: bool, off: bool) -> bool:
+    """A megatron-core fusion that torch.compile builds (``megatron.core.jit.jit_fuser``), without
+    Transformer Engine: on by default on a GPU, as Megatron-LM has it; on a CPU only when asked
+    for, because every process pays a one-off compile (7-13 s each on the 2-core machine, a C++
+    compiler needed) that short CPU runs and the tests would pay again and again."""
+    return not off and (on or torch.cuda.is_available())
+
+
+def torch_fusion_settings(config: PretrainConfig, arch: GPTArchitecture) -> dict:
     """TransformerConfig fields for megatron-core's fusions that need no Transformer Engine, with
-    Megatron-LM's flags. Without TE the SwiGLU and RoPE fusions stay off (``fusion_settings``):
-    megatron-core's RoPE fusion is TE's kernel, and its compiled SwiGLU is not measured on a GPU here."""
+    Megatron-LM's flags. Without TE (with TE ``fusion_settings`` sets them): the compiled SwiGLU
+    (``bias_activation_fusion``; the GeLU one only on a GPU) and bias-dropout-add per
+    ``compiled_fusion``; the RoPE fusion stays off (megatron-core's is TE's kernel, its
+    TransformerConfig refuses it without TE)."""
     model = config.model
-    return dict(cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
-                cross_entropy_fusion_impl=model.cross_entropy_fusion_impl)
+    settings = dict(cross_entropy_loss_fusion=model.cross_entropy_loss_fusion,
+                    cross_entropy_fusion_impl=model.cross_entropy_fusion_impl)
+    if resolved_transformer_impl(model) != "transformer_engine":
+        settings.update(
+            bias_activation_fusion=activation_fusion(
+                arch, compiled_fusion(model.bias_swiglu_fusion, model.no_bias_swiglu_fusion),
+                compiled_fusion(False, model.no_bias_gelu_fusion)),
+            bias_dropout_fusion=compiled_fusion(model.bias_dropout_fusion, model.no_bias_dropout_fusion))
+    return settings
 
 
 def check_attention_backend(config: PretrainConfig) -> None:
@@ -578,6 +610,10 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError(f"--fp8-format {model.fp8_format} is not one of {', '.join(FP8_FORMATS)}")
     if model.attention_backend not in BACKENDS:
         raise ValueError(f"--attention-backend {model.attention_backend} is not one of {', '.join(BACKENDS)}")
+    for fusion in ("bias_swiglu_fusion", "bias_dropout_fusion"):
+        if getattr(model, fusion) and getattr(model, "no_" + fusion):
+            flag = "--" + fusion.replace("_", "-")
+            raise ValueError(f"{flag} and --no-{flag[2:]} contradict each other; give one")
     if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
         raise ValueError(f"--cross-entropy-fusion-impl {model.cross_entropy_fusion_impl} is not one of "
                          f"{', '.join(CROSS_ENTROPY_FUSION_IMPLS)}")

@@ -13,8 +13,10 @@ synchronisation per parameter tensor). Here, by extension only:
 - ``ForeachNormChainedOptimizer``: megatron-core's ``ChainedOptimizer`` (what
   ``get_megatron_optimizer`` returns) with ``get_grad_norm`` computed by ``torch._foreach_norm``:
   one all-reduce per inner optimizer's group and one host read per step (megatron-core returns
-  the norm as a float, and its step clips on the host's value). Clipping stays megatron-core's
-  (``local_multi_tensor_scale``: a kernel per tensor, no synchronisation).
+  the norm as a float, and its step clips on the host's value). Clipping multiplies the gradients
+  in place with one ``torch._foreach_mul_`` per inner optimizer: megatron-core's fallback without
+  Apex (``local_multi_tensor_scale``) writes a scaled copy of every gradient and copies it back,
+  twice the memory traffic and a temporary the size of the largest gradient (the embedding's).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core.optimizer import ChainedOptimizer
+from megatron.core.utils import to_local_if_dtensor
 
 
 def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
@@ -86,3 +89,30 @@ class ForeachNormChainedOptimizer(ChainedOptimizer):
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=optimizer.get_grad_stats_parallel_group())
             total = part if total is None else total + part
         return 0.0 if total is None else math.sqrt(total.item())  # the step's one host read
+
+    @torch.no_grad()
+    def step(self):
+        """``ChainedOptimizer.step`` (same order: prepare, norm, clip, count zeros, update) with the
+        in-place foreach clipping of the module doc."""
+        if self.prepare_grads():
+            return False, None, None
+        grad_norm = self.get_grad_norm()
+        for optimizer in self.chained_optimizers:
+            if not getattr(optimizer, "is_stub_optimizer", False) and optimizer.config.clip_grad > 0.0:
+                clip_by_total_norm(optimizer, grad_norm)
+        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        return self.step_with_ready_grads(), grad_norm, num_zeros
+
+
+def clip_by_total_norm(optimizer, total_norm: float) -> None:
+    """megatron-core's ``clip_grad_by_total_norm_fp32`` for one inner optimizer: the same
+    coefficient and the same gradients (``.decoupled_grad`` under the precision-aware optimizer),
+    scaled in place."""
+    coefficient = optimizer.config.clip_grad / (total_norm + 1.0e-6)
+    if coefficient >= 1.0:
+        return
+    decoupled = optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+    grads = [getattr(p, "decoupled_grad", None) if decoupled else p.grad for p in optimizer.get_parameters()]
+    grads = [to_local_if_dtensor(g).detach() for g in grads if g is not None]
+    if grads:
+        torch._foreach_mul_(grads, coefficient)

@@ -65,7 +65,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
-        **fusion_settings(config), **torch_fusion_settings(config), **model_settings(config),
+        **fusion_settings(config, arch), **torch_fusion_settings(config, arch), **model_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):

@@ -1,7 +1,8 @@
 """The fast step without Transformer Engine on one CUDA GPU (``pytest -m gpu``; tools/gpu_check.sh):
 torch SDPA attention runs a fused kernel (never the math fallback) and matches megatron-core's
 attention, a call no fused kernel takes is a one-line error, torch's AdamW stays fused after a real
-checkpoint save and resume, and the gradient norm reads the device once per step."""
+checkpoint save and resume, the gradient norm reads the device once per step, and megatron-core's
+compiled SwiGLU and bias-dropout-add are on by default and give the unfused losses and gradients."""
 
 import dataclasses
 import warnings
@@ -131,3 +132,18 @@ def test_gradient_norm_reads_the_device_once(single_rank):
                                                            grad_stats_parallel_group=inner.get_grad_stats_parallel_group()))
     assert ours == pytest.approx(theirs, rel=1e-5)
     assert our_syncs <= 2 < their_syncs  # ours: the one .item() (and the all-reduce's); theirs: one per tensor
+
+
+def test_compiled_fusions_are_on_by_default_and_equal_unfused():
+    from tests.test_fusions import ARGV, GPT_WITH_BIASES, _loss_and_grads
+
+    for shape in (ARGV, GPT_WITH_BIASES):
+        loss, grads, nodes, fused = _loss_and_grads(shape)
+        assert fused == (True, True, False), fused  # RoPE fusion: TE's kernel only
+        assert "SiluBackward0" not in nodes and "CompiledFunctionBackward" in nodes
+        plain_loss, plain_grads, plain_nodes, fused = _loss_and_grads(
+            shape + ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"])
+        assert fused == (False, False, False) and "CompiledFunctionBackward" not in plain_nodes
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,4 +1,4 @@
-"""torch's fused AdamW and the one-read gradient norm under megatron-core's optimizer
+"""torch's fused AdamW, the one-read gradient norm and the in-place foreach clipping under megatron-core's optimizer
 (megatron_tst/optimizer.py) against megatron-core's optimizer as get_megatron_optimizer builds it:
 the same updates and norms over several clipped steps, dense (one inner optimizer) and MoE (a
 dense and an expert optimizer), and still fused after a state load. The CUDA-only part (fused

@@ -5,7 +5,8 @@
 #      tools/fetch_gpu_wheels.sh on a machine with PyPI access) into a private folder; no network;
 #   2. runs the GPU tests (pytest -m gpu) and the TE tests;
 #   3. runs the GPU benchmark (examples/bench_gpu.py, with --profile) and, where transformers is
-#      installed, the peer benchmark (examples/bench_peer.py).
+#      installed, the peer benchmark (examples/bench_peer.py, ours with and without megatron-core's
+#      compiled fusions).
 # Everything they print goes to OUTDIR (gpu_tests.log, bench_gpu.log/.json, bench_peer.log/.json,
 # environment.txt).
 # Usage: tools/gpu_check.sh OUTDIR [WHEEL_DIR]
@@ -55,7 +56,7 @@ status=0
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # ours against transformers' LlamaForCausalLM at the same shape (needs transformers; not in the wheels)
 if "$python" -c "import transformers" 2>/dev/null; then
-  "$python" examples/bench_peer.py --seq-length 2048 --output "$out/bench_peer.json" 2>&1 | tee "$out/bench_peer.log"
+  "$python" examples/bench_peer.py --seq-length 2048 --fusions compare --output "$out/bench_peer.json" 2>&1 | tee "$out/bench_peer.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "bench_peer: transformers is not installed here; skipped" | tee "$out/bench_peer.log"
