@@ -231,10 +231,10 @@ class TrainingOptions:
     rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
                                        "--global-batch-size", default_factory=list)
     fp16: bool = _refused("fp16 with loss scaling is not supported yet; use --bf16", default=False)
-    decoupled_lr: float | None = _refused("a separate embedding/output learning rate is not supported yet; "
-                                          "drop it (--lr applies to every parameter)", default=None)
-    decoupled_min_lr: float | None = _refused("a separate embedding/output learning rate is not supported "
-                                              "yet; drop it", default=None)
+    decoupled_lr: float | None = _help("peak learning rate of the input embedding and output layer (megatron-core's "
+                                       "decoupled LR param group; default --lr)", default=None)
+    decoupled_min_lr: float | None = _help("minimum learning rate of the input embedding and output layer (with "
+                                           "--decoupled-lr; default --min-lr)", default=None)
     grad_reduce_in_bf16: bool = _help("reduce gradients in bf16 (with --bf16; default fp32)", default=False)
     exit_duration_in_mins: float | None = _help("save and stop every rank after the step that ends this many "
                                                 "minutes after the job started (the same command resumes)",
@@ -610,6 +610,8 @@ def validate(config: PretrainConfig) -> None:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if training.train_iters < 1:
         raise ValueError(f"--train-iters must be >= 1, got {training.train_iters}")
+    if training.decoupled_min_lr is not None and training.decoupled_lr is None:
+        raise ValueError("--decoupled-min-lr needs --decoupled-lr; give it, or drop --decoupled-min-lr")
     if training.grad_reduce_in_bf16 and not model.bf16:
         raise ValueError("--grad-reduce-in-bf16 needs --bf16")
     if training.empty_unused_memory_level not in (0, 1, 2):

@@ -109,7 +109,6 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--decoupled-lr", "--decoupled-min-lr",
     "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--profile",
     "--profile-step-start", "--profile-step-end", "--rampup-batch-size", "--fp16",
     "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
@@ -179,6 +178,12 @@ HONOURED = {
     "--clip-grad": (lambda c, m, o, s: o.config.clip_grad, 0.5),
     "--adam-beta1": (lambda c, m, o, s: o.config.adam_beta1, 0.85),
     "--adam-beta2": (lambda c, m, o, s: o.config.adam_beta2, 0.9),
+    # megatron-core's decoupled param group: exactly the input embedding and output layer (main copies
+    # with --bf16, flattened: hence sizes), at their own peak and minimum
+    "--decoupled-lr": (lambda c, m, o, s: sorted(p.numel() for g in o.param_groups if g["max_lr"] == 5e-4
+                                                 for p in g["params"]) == sorted(
+        p.numel() for p in m.parameters() if getattr(p, "is_embedding_or_output_parameter", False)), True),
+    "--decoupled-min-lr": (lambda c, m, o, s: {g["min_lr"] for g in o.param_groups if g["max_lr"] == 5e-4}, {4.5e-5}),
 }
 
 
@@ -209,6 +214,37 @@ def test_megatron_lm_recipe_flags_are_honoured_or_refused_in_one_line(recipe, si
             assert read(model_config, model, optimizer, scheduler) == expected, flag
         assert checked, recipe
         assert sum(p.numel() for p in model.parameters()) == arch.parameter_counts()["total"]
+
+
+def test_decoupled_lr_gives_the_embedding_and_output_layer_their_own_schedule(single_rank):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    schedule = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+                "--train-iters", "6"]
+    config = parse_args(GPT3_STYLE + schedule + ["--untie-embeddings-and-output-weights", "--decoupled-lr", "3e-3",
+                                                 "--decoupled-min-lr", "2e-4"])
+    _, model, _, optimizer, scheduler = dry_build(config)
+    decoupled = {id(model.embedding.word_embeddings.weight), id(model.output_layer.weight)}
+    groups = {bool(decoupled & {id(p) for p in group["params"]}): group for group in optimizer.param_groups
+              if group["params"]}
+    assert set(groups) == {True, False}
+    assert {id(p) for p in groups[True]["params"]} == decoupled  # nothing else in the decoupled group
+
+    def reference(max_lr, min_lr):  # megatron-core's scheduler with the decoupled values as its own
+        sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        return OptimizerParamScheduler(sgd, init_lr=0.0, max_lr=max_lr, min_lr=min_lr, lr_warmup_steps=2,
+                                       lr_decay_steps=6, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                       wd_incr_steps=6, wd_incr_style="constant")
+
+    references = {True: reference(3e-3, 2e-4), False: reference(1e-3, 1e-4)}
+    for _ in range(6):
+        scheduler.step(increment=1)
+        for key, ref in references.items():
+            ref.step(increment=1)
+            assert groups[key]["lr"] == pytest.approx(ref.optimizer.param_groups[0]["lr"], rel=1e-12, abs=0)
+    assert groups[True]["lr"] == pytest.approx(2e-4) and groups[False]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="^--decoupled-min-lr needs --decoupled-lr"):
+        parse_args(GPT3_STYLE + ["--decoupled-min-lr", "1e-5"])
 
 
 def test_no_op_and_refused_flags_say_so_in_help(capsys):
