@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_tst import profiling
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -293,9 +294,14 @@ class LoggingOptions:
     tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
     peak_flops: float | None = _help("peak FLOP/s per device, for MFU", default=None)
     log_throughput: bool = _help("log model TFLOP/s per GPU (tokens/s are always logged)", default=False)
-    profile: bool = _refused("not supported yet; drop it", default=False)
-    profile_step_start: int | None = _refused("not supported yet (see --profile); drop it", default=None)
-    profile_step_end: int | None = _refused("not supported yet (see --profile); drop it", default=None)
+    profile: bool = _help("torch.profiler trace of --profile-step-start..--profile-step-end, written to "
+                          "--tensorboard-dir (else <save>/profile) as Megatron-LM; on CUDA also an nsys capture range "
+                          "(cudaProfilerStart/Stop)", default=False)
+    profile_step_start: int | None = _help("first profiled step (default 10, as Megatron-LM)", default=None)
+    profile_step_end: int | None = _help("step the profile ends at (default 12)", default=None)
+    profile_ranks: list = _help("global ranks to profile (default 0)", default_factory=list)
+    use_pytorch_profiler: bool = _help("accepted: --profile always writes a torch.profiler trace (and sets the "
+                                       "nsys range on CUDA)", default=False)
     wandb_project: str | None = _refused("Weights & Biases logging is not supported yet; use --tensorboard-dir",
                                          default=None)
     wandb_exp_name: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
@@ -603,6 +609,7 @@ def validate(config: PretrainConfig) -> None:
         if given and model.fp8_format is None:
             raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
     check_recompute(model)
+    profiling.check(config.logging, config.checkpoint)
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
     for flag, value in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):

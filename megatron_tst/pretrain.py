@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, orphan, parallel, preflight
+from megatron_tst import checkpointing, device, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, lr_schedule, model_settings, overlap_settings, parse_args,
     resolved_transformer_impl, torch_fusion_settings,
@@ -275,6 +275,7 @@ class Run:
     data_plan: TSTPlan | None = None  # the plan the data follows (a recovery job keeps phase 1's)
     data: TSTData | None = None
     started: float = dataclasses.field(default_factory=time.time)  # --exit-duration-in-mins counts from here
+    profiler: object = None  # --profile (megatron_tst/profiling.py), set by train
 
     @property
     def modules(self):
@@ -424,9 +425,12 @@ def train(run: Run) -> dict:
     if training.manual_gc:
         gc.disable()
         gc.collect()
+    run.profiler = profiling.profiler(run.config.logging, run.config.checkpoint,
+                                      dist.get_rank() if dist.is_initialized() else 0)
     try:
         return train_loop(run, stop)
     finally:
+        run.profiler.stop()
         if training.manual_gc:
             gc.enable()
 
@@ -437,6 +441,7 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
     flops_per_position = model_flops_per_position(run.arch, config.model.seq_length)
     iterators, iterator_phase = None, None
     while run.iteration < training.train_iters:
+        run.profiler.step(run.iteration)
         phase = data.phase_of(run.iteration)
         if phase != iterator_phase:
             if plan is not None and phase != SUPERPOSITION and ckpt.exit_at_phase_switch:

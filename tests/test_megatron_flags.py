@@ -109,8 +109,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--profile",
-    "--profile-step-start", "--profile-step-end", "--rampup-batch-size", "--fp16",
+    "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--rampup-batch-size", "--fp16",
     "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
@@ -245,6 +244,26 @@ def test_decoupled_lr_gives_the_embedding_and_output_layer_their_own_schedule(si
     assert groups[True]["lr"] == pytest.approx(2e-4) and groups[False]["lr"] == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="^--decoupled-min-lr needs --decoupled-lr"):
         parse_args(GPT3_STYLE + ["--decoupled-min-lr", "1e-5"])
+
+
+def test_profile_writes_a_torch_profiler_trace_of_the_steps_asked_for(corpus, tmp_path):
+    traced = tmp_path / "run" / "profile"  # without --tensorboard-dir (not installed here): <save>/profile
+    argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path",
+            corpus, "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters",
+            "4", "--profile", "--profile-step-start", "1", "--profile-step-end", "3"]
+    assert pretrain.main(argv + ["--save", str(tmp_path / "run"), "--profile-ranks", "0"]) == 0
+    traces = list(traced.glob("*.pt.trace.json"))
+    assert len(traces) == 1  # tensorboard_trace_handler's file, as Megatron-LM writes it
+    with open(traces[0]) as handle:
+        names = {event.get("name") for event in json.load(handle)["traceEvents"]}
+    steps = sorted(name for name in names if name and name.startswith("ProfilerStep#"))
+    assert steps == ["ProfilerStep#1", "ProfilerStep#2"]  # Megatron-LM's schedule: start .. end - 1
+    assert "aten::mm" in names or "aten::addmm" in names
+    for flags, message in ((["--profile-step-end", "3"], "^--profile-step-end needs --profile"),
+                           (["--profile", "--profile-step-start", "3", "--profile-step-end", "3"], "need 0 <= start < end"),
+                           (["--profile"], "^--profile writes its trace to --tensorboard-dir")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + flags)
 
 
 def test_no_op_and_refused_flags_say_so_in_help(capsys):
