@@ -257,7 +257,8 @@ class DataOptions:
     eod_mask_loss: bool = _help("do not train on the token that follows an EOD", default=False)
     allow_data_repetition: bool = _help("let a phase read its documents more than once", default=False)
     data_cache_path: str | None = _help("where dataset indices are cached", default=None)
-    mock_data: bool = _refused("synthetic data is not supported yet; give --data-path", default=False)
+    mock_data: bool = _help("megatron-core's synthetic documents instead of --data-path (benchmarks; both TST "
+                            "phases; split by --split, read more than once if needed)", default=False)
     vocab_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
                                       "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
     merge_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
@@ -610,6 +611,8 @@ def validate(config: PretrainConfig) -> None:
             raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
     check_recompute(model)
     profiling.check(config.logging, config.checkpoint)
+    if config.data.mock_data and config.data.data_path:
+        raise ValueError("--mock-data and --data-path contradict each other; give one")
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
     for flag, value in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):

@@ -284,7 +284,8 @@ class Run:
     def data_identity(self) -> dict:
         """What a resume must find unchanged: corpus files and tokenizer by content, not by path alone."""
         config, data_plan = self.config, self.data_plan
-        return dict(data_path=list(config.data.data_path), split=config.data.split, seed=config.training.seed,
+        return dict(data_path=list(config.data.data_path), mock_data=config.data.mock_data,
+                    split=config.data.split, seed=config.training.seed,
                     seq_length=config.model.seq_length, global_batch_size=self.global_batch,
                     train_iters=config.training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
                     data_files=self.data_files, tokenizer=self.tokenizer,
@@ -353,7 +354,7 @@ def setup(config: PretrainConfig) -> Run:
                                      throughput=config.logging.log_throughput),
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
-               dp_size=dp_size, data_files=dataset_files_identity(config.data.data_path),
+               dp_size=dp_size, data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
                tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod))
 
 
@@ -404,7 +405,7 @@ def build_data(run: Run) -> TSTData:
         data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=run.global_batch,
         vocab_size=run.vocab_size, eod=run.eod, split=config.data.split, seed=config.training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
-        cache_dir=config.data.data_cache_path,
+        cache_dir=config.data.data_cache_path, mock=config.data.mock_data,
     ), run.data_plan, total_iters=config.training.train_iters)
     if run.iteration == 0 and run.metrics.enabled:
         for row in data.report():

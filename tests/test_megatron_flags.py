@@ -5,6 +5,7 @@ builds Megatron-LM's GPT (LayerNorm, GeLU, learned positions, biases, tied) as m
 import dataclasses
 import gc
 import json
+import math
 import os
 
 import pytest
@@ -109,7 +110,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--rampup-batch-size", "--fp16",
+    "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--rampup-batch-size", "--fp16",
     "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
@@ -264,6 +265,36 @@ def test_profile_writes_a_torch_profiler_trace_of_the_steps_asked_for(corpus, tm
                            (["--profile"], "^--profile writes its trace to --tensorboard-dir")):
         with pytest.raises(ValueError, match=message):
             parse_args(GPT3_STYLE + flags)
+
+
+def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents(tmp_path):
+    from megatron_tst.data import DataConfig, TSTData
+    from megatron_tst.tst import TSTPlan
+
+    save = str(tmp_path / "run")
+    argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--mock-data",
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4",
+            "--log-interval", "1", "--tst-bag-size", "2", "--tst-ratio", "0.5", "--save", save]
+    assert pretrain.main(argv) == 0
+    with open(os.path.join(save, "metrics.jsonl")) as handle:
+        rows = [row for row in map(json.loads, handle) if "loss" in row]
+    assert [row["phase"] for row in rows] == ["superposition"] * 2 + ["recovery"] * 2
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    # the samples are spans of MockGPTLowLevelDataset's documents (1, 2, 3, ... mod vocab, then EOD),
+    # disjoint between phases, bags folded in phase 1
+    plan = TSTPlan(bag_size=2, total_iters=4, ratio=0.5)
+    data = TSTData(DataConfig(data_path=[], seq_length=16, global_batch_size=2, vocab_size=512, eod=511, mock=True),
+                   plan)
+    for phase, width in (("superposition", 2 * 16 + 1), ("recovery", 16 + 1)):
+        raw = [data.train[phase][i]["tokens"].tolist() + [int(data.train[phase][i]["labels"][-1])] for i in range(4)]
+        assert all(len(tokens) == width for tokens in raw)
+        assert all(b == (a + 1) % 512 or b == 511 or (a == 511 and b == 1) for tokens in raw
+                   for a, b in zip(tokens, tokens[1:]))
+    assert data.sample("superposition", 0)["tokens"].shape == (16, 2)
+    first, second = (set(data.train[phase].indices.tolist()) for phase in ("superposition", "recovery"))
+    assert first and second and not first & second
+    with pytest.raises(ValueError, match="^--mock-data and --data-path contradict each other"):
+        parse_args(GPT3_STYLE + ["--mock-data", "--data-path", "x"])
 
 
 def test_no_op_and_refused_flags_say_so_in_help(capsys):

@@ -43,6 +43,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from megatron_tst.data import mock
 from megatron_tst.tst.fold import IGNORE_INDEX, fold_sample
 from megatron_tst.tst.plan import RECOVERY, SUPERPOSITION, TSTPlan
 
@@ -66,6 +67,7 @@ class DataConfig:
     eod_mask_loss: bool = False
     allow_repetition: bool = False
     cache_dir: str | None = None  # None: Megatron's default, a cache/ folder beside each dataset
+    mock: bool = False  # --mock-data: megatron-core's synthetic documents instead of data_path (data/mock.py)
 
 
 class _TokenizerInfo:
@@ -85,7 +87,7 @@ class _SelfRepairingGPTDataset(GPTDataset):
     _INDEX_FILES = ("document_index", "sample_index", "shuffle_index")
 
     def _build_document_sample_shuffle_indices(self):
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if not self.config.mock and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             self._drop_truncated_cache()
         return super()._build_document_sample_shuffle_indices()
 
@@ -147,7 +149,7 @@ class TSTData:
             self.sample_length[name] = bag * config.seq_length + 1
         self.report_rows = []
         self._cache_probes = []
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and not config.mock:  # mock data: nothing cached, nothing shared
             self._construct_on_every_rank()
         else:
             self._construct()
@@ -155,9 +157,9 @@ class TSTData:
     # -- construction -------------------------------------------------------------------------
 
     def _construct(self):
-        prefixes, weights = self._blend()
+        prefixes, weights = ([mock.PREFIX], [1.0]) if self.config.mock else self._blend()
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.config.split))
-        self._blend_spec = (prefixes, weights)
+        self._blend_spec = None if self.config.mock else (prefixes, weights)  # None: megatron-core's mock config
         self._dataset_config = {
             name: self._gpt_config(self.sample_length[name] - 1) for name in self.phase_names
         }
@@ -231,7 +233,7 @@ class TSTData:
             sequence_length=sequence_length,
             blend=self._blend_spec,  # also tells megatron-core these are real (cacheable) datasets
             split=self.config.split,
-            path_to_cache=self.config.cache_dir,
+            path_to_cache=None if self.config.mock else self.config.cache_dir,
             tokenizer=_TokenizerInfo(self.config.vocab_size, self.config.eod),
             reset_position_ids=False,
             reset_attention_mask=False,
@@ -242,11 +244,15 @@ class TSTData:
     def _build(self, prefixes, weights, split_matrix):
         per_phase = {name: [] for name in self.phase_names}
         valid = []
-        indexed_datasets = [IndexedDataset(prefix, multimodal=False, mmap=True) for prefix in prefixes]
-        for prefix, indexed in zip(prefixes, indexed_datasets):  # all refusals before any cache is written
-            self._check_token_ids(prefix, indexed)
-        self._before_caching(prefixes)
+        if self.config.mock:
+            indexed_datasets = [mock.low_level_dataset(_TokenizerInfo(self.config.vocab_size, self.config.eod))]
+        else:
+            indexed_datasets = [IndexedDataset(prefix, multimodal=False, mmap=True) for prefix in prefixes]
+            for prefix, indexed in zip(prefixes, indexed_datasets):  # all refusals before any cache is written
+                self._check_token_ids(prefix, indexed)
+            self._before_caching(prefixes)
         for index, (prefix, weight, indexed) in enumerate(zip(prefixes, weights, indexed_datasets)):
+            path = None if self.config.mock else prefix
             documents = indexed.sequence_lengths.shape[0]
             train_range, valid_range = split_matrix[0], split_matrix[1]
             train_docs = np.arange(round(train_range[0] * documents), round(train_range[1] * documents),
@@ -256,12 +262,12 @@ class TSTData:
             for name, docs in self._cut(indexed, train_docs, requests, index).items():
                 self._check_size(prefix, name, indexed, docs, requests[name])
                 per_phase[name].append(PhaseDocumentsDataset(
-                    indexed, prefix, docs, requests[name], Split.train, self._dataset_config[name]))
+                    indexed, path, docs, requests[name], Split.train, self._dataset_config[name]))
             if valid_range is not None:
                 valid_docs = np.arange(round(valid_range[0] * documents), round(valid_range[1] * documents),
                                        dtype=np.int32)
                 if len(valid_docs):
-                    valid.append(_SelfRepairingGPTDataset(indexed, prefix, valid_docs, None, Split.valid,
+                    valid.append(_SelfRepairingGPTDataset(indexed, path, valid_docs, None, Split.valid,
                                                           self._valid_config))
         self.train = {name: self._blended(per_phase[name], weights, self.samples[name])
                       for name in self.phase_names}
@@ -305,7 +311,7 @@ class TSTData:
         self.report_rows.append(dict(dataset=prefix, phase=phase, documents=len(docs),
                                      tokens_available=available, tokens_planned=tokens_needed,
                                      samples=samples, epochs=epochs))
-        if epochs > 1 and not self.config.allow_repetition or available == 0:
+        if epochs > 1 and not (self.config.allow_repetition or self.config.mock) or available == 0:
             raise DataTooSmallError(
                 f"corpus too small for the planned run: the {phase} phase reads {tokens_needed:,} tokens "
                 f"({samples:,} samples of {self.sample_length[phase]}) from {prefix}, whose share of the "
