@@ -268,8 +268,8 @@ class DataOptions:
                                                           "attention builds the causal mask)", default=False)
     no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
                                        default=False)
-    num_workers: int | None = _refused("not supported yet: samples are read in the training process; drop it",
-                                       default=None)
+    num_workers: int | None = _help("DataLoader worker processes reading the training samples (default 0: read "
+                                    "in the training process; Megatron-LM's default is 2)", default=None)
 
 
 @dataclass
@@ -611,6 +611,8 @@ def validate(config: PretrainConfig) -> None:
             raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
     check_recompute(model)
     profiling.check(config.logging, config.checkpoint)
+    if config.data.num_workers is not None and config.data.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {config.data.num_workers}")
     if config.data.mock_data and config.data.data_path:
         raise ValueError("--mock-data and --data-path contradict each other; give one")
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:

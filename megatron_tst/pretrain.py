@@ -449,7 +449,8 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
                 run.save(run.iteration)
                 return {"iteration": run.iteration, "stopped": "phase switch"}
             iterators = [data.micro_batches(phase, run.consumed.get(phase, 0), training.micro_batch_size,
-                                            run.dp_rank, run.dp_size) for _ in run.chunks]
+                                            run.dp_rank, run.dp_size, config.data.num_workers or 0)
+                         for _ in run.chunks]
             iterator_phase = phase
         started = time.time()
         loss, grad_norm, stop_reason = train_step(run, iterators, phase, stop)

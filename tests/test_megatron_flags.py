@@ -110,7 +110,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--rampup-batch-size", "--fp16",
+    "--tiktoken-pattern", "--no-mmap-bin-files", "--rampup-batch-size", "--fp16",
     "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
@@ -267,7 +267,7 @@ def test_profile_writes_a_torch_profiler_trace_of_the_steps_asked_for(corpus, tm
             parse_args(GPT3_STYLE + flags)
 
 
-def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents(tmp_path):
+def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents_and_num_workers_reads_the_same(tmp_path):
     from megatron_tst.data import DataConfig, TSTData
     from megatron_tst.tst import TSTPlan
 
@@ -293,6 +293,11 @@ def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents(tmp_pat
     assert data.sample("superposition", 0)["tokens"].shape == (16, 2)
     first, second = (set(data.train[phase].indices.tolist()) for phase in ("superposition", "recovery"))
     assert first and second and not first & second
+    # --num-workers: the same run, its samples read in DataLoader worker processes
+    workers = str(tmp_path / "workers")
+    assert pretrain.main([a if a != save else workers for a in argv] + ["--num-workers", "2"]) == 0
+    with open(os.path.join(workers, "metrics.jsonl")) as handle:
+        assert [row["loss"] for row in map(json.loads, handle) if "loss" in row] == [row["loss"] for row in rows]
     with pytest.raises(ValueError, match="^--mock-data and --data-path contradict each other"):
         parse_args(GPT3_STYLE + ["--mock-data", "--data-path", "x"])
 

@@ -338,20 +338,44 @@ class TSTData:
         return _model_sample(self.valid[index], None)
 
     def micro_batches(self, phase: str, consumed_samples: int, micro_batch_size: int,
-                      data_parallel_rank: int = 0, data_parallel_size: int = 1) -> Iterator[dict]:
+                      data_parallel_rank: int = 0, data_parallel_size: int = 1, num_workers: int = 0) -> Iterator[dict]:
         """Micro-batches of this data-parallel rank from ``consumed_samples`` on (global sample order
-        is independent of the parallel layout, as Megatron's pretraining sampler)."""
-        step = micro_batch_size * data_parallel_size
-        start = consumed_samples + data_parallel_rank * micro_batch_size
-        total = self.samples[phase]
-        while start + micro_batch_size <= total:
-            samples = [self.sample(phase, i) for i in range(start, start + micro_batch_size)]
-            yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-            start += step
+        is independent of the parallel layout, as Megatron's pretraining sampler). ``num_workers``
+        (--num-workers) > 0 reads them in a torch DataLoader's worker processes: the same batches."""
+        batches = _MicroBatchIndices(consumed_samples + data_parallel_rank * micro_batch_size, micro_batch_size,
+                                     micro_batch_size * data_parallel_size, self.samples[phase])
+        if num_workers == 0:
+            return (_stack([self.sample(phase, i) for i in batch]) for batch in batches)
+        return iter(torch.utils.data.DataLoader(
+            _PhaseSamples(self, phase), batch_sampler=batches, num_workers=num_workers, collate_fn=_stack,
+            pin_memory=torch.cuda.is_available()))  # as Megatron-LM's loader
 
     def report(self) -> list[dict]:
         """Per dataset and phase: documents, tokens available and planned, samples, epochs."""
         return list(self.report_rows)
+
+
+class _MicroBatchIndices:
+    """Sample indices of one rank's micro-batches: ``size`` from ``start``, every ``step``, below ``total``."""
+
+    def __init__(self, start: int, size: int, step: int, total: int):
+        self.start, self.size, self.step, self.total = start, size, step, total
+
+    def __iter__(self):
+        for start in range(self.start, self.total - self.size + 1, self.step):
+            yield list(range(start, start + self.size))
+
+
+class _PhaseSamples(torch.utils.data.Dataset):
+    def __init__(self, data: TSTData, phase: str):
+        self.data, self.phase = data, phase
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data.sample(self.phase, index)
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
 class _Failure:
