@@ -252,17 +252,18 @@ class TrainingOptions:
 class DataOptions:
     data_path: list = _help("dataset prefix, or 'w1 prefix1 w2 prefix2 ...'", default_factory=list)
     split: str = _help("train,valid,test document split", default="969,30,1")
-    tokenizer_type: str | None = _help("SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer", default=None)
+    tokenizer_type: str | None = _help("SentencePieceTokenizer (GPTSentencePieceTokenizer, Llama2Tokenizer), "
+                                       "HuggingFaceTokenizer (a local folder or tokenizer.json), GPT2BPETokenizer "
+                                       "or NullTokenizer; Megatron-LM's others are refused", default=None)
     tokenizer_model: str | None = _help("tokenizer file or folder", default=None)
     eod_mask_loss: bool = _help("do not train on the token that follows an EOD", default=False)
     allow_data_repetition: bool = _help("let a phase read its documents more than once", default=False)
     data_cache_path: str | None = _help("where dataset indices are cached", default=None)
     mock_data: bool = _help("megatron-core's synthetic documents instead of --data-path (benchmarks; both TST "
                             "phases; split by --split, read more than once if needed)", default=False)
-    vocab_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
-                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
-    merge_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
-                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
+    vocab_file: str | None = _help("GPT-2 vocab.json (with --tokenizer-type GPT2BPETokenizer, the default when "
+                                   "--vocab-file and --merge-file are given)", default=None)
+    merge_file: str | None = _help("GPT-2 merges.txt (with --tokenizer-type GPT2BPETokenizer)", default=None)
     tiktoken_pattern: str | None = _refused("TikTokenizer is not supported; drop it", default=None)
     no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
                                                           "attention builds the causal mask)", default=False)
@@ -388,6 +389,8 @@ def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
     _iterations_from_samples(namespace)
+    if namespace["tokenizer_type"] is None and (namespace["vocab_file"] or namespace["merge_file"]):
+        namespace["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron-LM's GPT-3 recipes give only the two files
     hints = typing.get_type_hints(PretrainConfig)
     groups = {}
     for group_field in dataclasses.fields(PretrainConfig):
@@ -613,6 +616,7 @@ def validate(config: PretrainConfig) -> None:
     profiling.check(config.logging, config.checkpoint)
     if config.data.num_workers is not None and config.data.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {config.data.num_workers}")
+    check_tokenizer_flags(config.data)
     if config.data.mock_data and config.data.data_path:
         raise ValueError("--mock-data and --data-path contradict each other; give one")
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
@@ -660,6 +664,24 @@ def validate(config: PretrainConfig) -> None:
     if arch.num_layers % par.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {arch.num_layers} does not divide into "
                          f"{par.pipeline_model_parallel_size} pipeline stages")
+
+
+def check_tokenizer_flags(data: DataOptions) -> None:
+    from megatron_tst.data.tokenizers import SENTENCEPIECE_ALIASES, TOKENIZER_TYPES
+
+    kind = data.tokenizer_type
+    if kind is not None and kind not in TOKENIZER_TYPES + SENTENCEPIECE_ALIASES:
+        raise ValueError(f"--tokenizer-type {kind} is not supported (this GPT pretraining takes "
+                         f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}); convert it to a HuggingFace "
+                         "tokenizer folder and use HuggingFaceTokenizer")
+    if (data.vocab_file or data.merge_file) and kind != "GPT2BPETokenizer":
+        raise ValueError(f"--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer, not {kind}; "
+                         "drop them")
+    if kind == "GPT2BPETokenizer" and not (data.vocab_file and data.merge_file):
+        raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if kind == "GPT2BPETokenizer" and data.tokenizer_model:
+        raise ValueError("--tokenizer-model does not go with GPT2BPETokenizer (it reads --vocab-file and "
+                         "--merge-file); drop it")
 
 
 def check_recompute(model: ModelOptions) -> None:

@@ -232,7 +232,8 @@ def tokenizer_info(config: PretrainConfig):
         return vocab, vocab - 1
     from megatron_tst.data.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_file=data.vocab_file,
+                               merge_file=data.merge_file)
     return tokenizer.vocab_size, tokenizer.eod
 
 
@@ -355,7 +356,8 @@ def setup(config: PretrainConfig) -> Run:
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
                dp_size=dp_size, data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
-               tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod))
+               tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
+                                            files=(config.data.vocab_file, config.data.merge_file)))
 
 
 def resume(run: Run) -> None:

@@ -111,7 +111,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # Transformer Engine (check_environment)
 REFUSED = {
     "--tiktoken-pattern", "--no-mmap-bin-files", "--rampup-batch-size", "--fp16",
-    "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
+    "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
 FP8_SETTINGS = {"--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"}
@@ -300,6 +300,59 @@ def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents_and_num
         assert [row["loss"] for row in map(json.loads, handle) if "loss" in row] == [row["loss"] for row in rows]
     with pytest.raises(ValueError, match="^--mock-data and --data-path contradict each other"):
         parse_args(GPT3_STYLE + ["--mock-data", "--data-path", "x"])
+
+
+def test_gpt2_bpe_tokenizer_from_vocab_and_merge_files_preprocesses_and_trains(tmp_path, capsys):
+    """Megatron-LM's GPT2BPETokenizer (--vocab-file --merge-file; the GPT-3 recipe gives no --tokenizer-type)
+    against transformers' pure-Python GPT2Tokenizer, the same byte-level BPE as Megatron-LM's own."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Tokenizer
+
+    from megatron_tst.data.tokenizers import load_tokenizer
+    from tests.test_tools import preprocess_data
+
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog's", "42", "naïve", "café", "7"]
+    generator = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=generator).tolist())
+             + ("\n\n  tail" if n % 3 == 0 else "") for n in range(120)]
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(texts, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    trainer.save_model(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    ours, reference = load_tokenizer("GPT2BPETokenizer", None, vocab_file=vocab, merge_file=merges), \
+        GPT2Tokenizer(vocab, merges)
+    assert ours.tokenize_batch(texts[:20]) == [reference.encode(text) for text in texts[:20]]
+    assert ours.tokenize("it's 12 dogs  over\tthe cafés!") == reference.encode("it's 12 dogs  over\tthe cafés!")
+    with open(vocab) as handle:
+        encoder = json.load(handle)
+    assert (ours.vocab_size, ours.eod) == (len(encoder), encoder["<|endoftext|>"])  # Megatron-LM's definitions
+    assert ours.detokenize(ours.tokenize(texts[3])) == texts[3]
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    prefix = str(tmp_path / "gpt2")
+    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", prefix, "--tokenizer-type",
+                                 "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges, "--append-eod"]) == 0
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix + "_text_document")
+    assert [indexed[i].tolist() for i in range(3)] == [reference.encode(t) + [ours.eod] for t in texts[:3]]
+    save = str(tmp_path / "run")
+    argv = ["--model-preset", "tiny", "--data-path", prefix + "_text_document", "--vocab-file", vocab,
+            "--merge-file", merges, "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "3", "--log-interval", "1", "--save", save]
+    assert pretrain.main(argv) == 0
+    with open(os.path.join(save, "metrics.jsonl")) as handle:
+        assert len([row for row in map(json.loads, handle) if math.isfinite(row.get("loss", math.nan))]) == 3
+    with open(os.path.join(save, "iter_0000003", "run_config.json")) as handle:
+        run_config = json.load(handle)
+    assert (run_config["model"]["vocab_size"], run_config["tokenizer"]["type"]) == (ours.vocab_size, "GPT2BPETokenizer")
+    for flags, message in ((["--tokenizer-type", "BertWordPieceCase"], "^--tokenizer-type BertWordPieceCase is not supported"),
+                           (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab], "needs --vocab-file and --merge-file"),
+                           (["--tokenizer-type", "SentencePieceTokenizer", "--merge-file", merges],
+                            "^--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + flags)
 
 
 def test_no_op_and_refused_flags_say_so_in_help(capsys):

@@ -441,15 +441,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.t
                     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int, eod: int) -> dict:
+def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int, eod: int,
+                       files: Sequence[str] = ()) -> dict:
     """What a checkpoint records of its tokenizer: type, vocabulary size, EOD and a digest of the
     tokenizer's files (a file, or the usual tokenizer files of a folder), not their path, so that
     moving a tokenizer is fine and swapping it for another of the same size is not."""
-    digest = None
+    digest, paths = None, [path for path in files if path]  # files: GPT2BPETokenizer's vocab and merges
     if tokenizer_model and os.path.exists(tokenizer_model):
         paths = [tokenizer_model] if os.path.isfile(tokenizer_model) else [
             os.path.join(tokenizer_model, name) for name in _TOKENIZER_FILES
             if os.path.isfile(os.path.join(tokenizer_model, name))]
+    if paths or (tokenizer_model and os.path.exists(tokenizer_model)):
         hasher = hashlib.md5(usedforsecurity=False)
         for path in paths:
             hasher.update(os.path.basename(path).encode())
