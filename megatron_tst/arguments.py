@@ -108,6 +108,9 @@ class ModelOptions:
     fp8_param_gather: bool = _help("keep parameters in FP8 and all-gather them in FP8 (with --fp8-format)",
                                    default=False)
     bf16: bool = _help("bf16 parameters and compute, fp32 master weights", default=False)
+    fp16: bool = _help("fp16 parameters and compute, fp32 master weights, loss scaling (megatron-core's "
+                       "Float16OptimizerWithFloat16Params and grad scalers, as Megatron-LM); a step whose "
+                       "gradients overflow is skipped (no update, no LR step)", default=False)
     # Megatron-LM's fusions, on by default with Transformer Engine (see ``fusion_settings``)
     no_gradient_accumulation_fusion: bool = _help("do not fuse weight-gradient accumulation into the GEMM",
                                                   default=False)
@@ -231,7 +234,14 @@ class TrainingOptions:
                                              "--lr-warmup-iters/--lr-warmup-samples)", default=None)
     rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
                                        "--global-batch-size", default_factory=list)
-    fp16: bool = _refused("fp16 with loss scaling is not supported yet; use --bf16", default=False)
+    loss_scale: float | None = _help("--fp16: a constant loss scale (megatron-core's ConstantGradScaler; default "
+                                     "dynamic scaling)", default=None)
+    initial_loss_scale: float | None = _help("--fp16 dynamic scaling: the first scale (default 2**32)", default=None)
+    min_loss_scale: float | None = _help("--fp16 dynamic scaling: the smallest scale (default 1)", default=None)
+    loss_scale_window: float | None = _help("--fp16 dynamic scaling: steps without overflow before the scale "
+                                            "doubles (default 1000)", default=None)
+    hysteresis: int | None = _help("--fp16 dynamic scaling: overflows tolerated before the scale halves "
+                                   "(default 2)", default=None)
     decoupled_lr: float | None = _help("peak learning rate of the input embedding and output layer (megatron-core's "
                                        "decoupled LR param group; default --lr)", default=None)
     decoupled_min_lr: float | None = _help("minimum learning rate of the input embedding and output layer (with "
@@ -534,6 +544,8 @@ def model_settings(config: PretrainConfig) -> dict:
     routing, FP8 scaling."""
     model = config.model
     settings = model.dropouts()
+    if model.fp16:  # Megatron-LM's params_dtype torch.half (bf16 is transformer_config's own argument)
+        settings.update(fp16=True, params_dtype=torch.float16, pipeline_dtype=torch.float16)
     if model.num_experts or (model.model_preset and preset(model.model_preset).num_experts):
         settings["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
     if model.moe_grouped_gemm:
@@ -628,6 +640,7 @@ def validate(config: PretrainConfig) -> None:
         raise ValueError(f"--train-iters must be >= 1, got {training.train_iters}")
     if training.decoupled_min_lr is not None and training.decoupled_lr is None:
         raise ValueError("--decoupled-min-lr needs --decoupled-lr; give it, or drop --decoupled-min-lr")
+    check_fp16(model, training)
     if training.grad_reduce_in_bf16 and not model.bf16:
         raise ValueError("--grad-reduce-in-bf16 needs --bf16")
     if training.empty_unused_memory_level not in (0, 1, 2):
@@ -664,6 +677,30 @@ def validate(config: PretrainConfig) -> None:
     if arch.num_layers % par.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {arch.num_layers} does not divide into "
                          f"{par.pipeline_model_parallel_size} pipeline stages")
+
+
+LOSS_SCALE_FLAGS = ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+
+
+def check_fp16(model: ModelOptions, training: TrainingOptions) -> None:
+    if model.fp16 and model.bf16:
+        raise ValueError("--fp16 and --bf16 contradict each other; give one")
+    given = [_flag(name) for name in LOSS_SCALE_FLAGS if getattr(training, name) is not None]
+    if given and not model.fp16:
+        raise ValueError(f"{given[0]} is fp16 loss scaling: give --fp16, or drop {given[0]}")
+    if model.fp16 and model.fp8_format:
+        raise ValueError("--fp8-format with --fp16 is not supported here (the recipes train FP8 with --bf16); "
+                         "give --bf16")
+    if training.loss_scale is not None and training.loss_scale <= 0:
+        raise ValueError(f"--loss-scale must be > 0, got {training.loss_scale}")
+
+
+def loss_scaling(training: TrainingOptions) -> dict:
+    """OptimizerConfig's loss-scaling fields, Megatron-LM's defaults where a flag is absent."""
+    defaults = dict(initial_loss_scale=2.0 ** 32, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2)
+    scaling = {name: getattr(training, name) if getattr(training, name) is not None else default
+               for name, default in defaults.items()}
+    return dict(scaling, loss_scale=training.loss_scale)
 
 
 def check_tokenizer_flags(data: DataOptions) -> None:

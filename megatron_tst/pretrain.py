@@ -33,7 +33,8 @@ from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
 from megatron_tst import checkpointing, device, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
-    PretrainConfig, check_environment, fusion_settings, lr_schedule, model_settings, overlap_settings, parse_args,
+    PretrainConfig, check_environment, fusion_settings, loss_scaling, lr_schedule, model_settings, overlap_settings,
+    parse_args,
     resolved_transformer_impl, torch_fusion_settings,
 )
 from megatron_tst.data import DataConfig, TSTData
@@ -89,7 +90,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
     )
-    if model_config.bf16:
+    if model_config.bf16 or model_config.fp16:
         # as Megatron-LM's get_model: every parameter in bf16 (torch norms are built in fp32), so the
         # mixed-precision optimizer's fp32 main copies cover all of them and its checkpoint maps each
         # one to a model tensor; inputs cast on the first stage, outputs to fp32 on the last
@@ -115,7 +116,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16,
-        decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr, params_dtype=model_config.params_dtype,
+        decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,
+        fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}), params_dtype=model_config.params_dtype,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
 
@@ -504,11 +506,13 @@ def train_step(run: Run, iterators, phase: str, stop: StopFlags) -> tuple[float,
     totals = run_step(run.chunks, iterators, run.num_microbatches, run.config)
     succeeded, grad_norm, _ = run.optimizer.step()
     loss_sum, tokens, *stop_flags = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
-    run.scheduler.step(increment=lr_schedule(run.config.training)[1])
+    if succeeded:  # --fp16: a step whose gradients overflowed is skipped, the LR schedule too (Megatron-LM)
+        run.scheduler.step(increment=lr_schedule(run.config.training)[1])
     run.iteration += 1
     run.consumed[phase] = run.consumed.get(phase, 0) + run.global_batch
     loss = loss_sum / max(tokens, 1)
-    if not math.isfinite(loss):
+    # dynamic loss scaling takes an overflowing (skipped) step as its signal, as Megatron-LM
+    if not math.isfinite(loss) and (succeeded or run.config.training.loss_scale is not None):
         raise TrainingStopped(f"loss is {loss} at iteration {run.iteration} ({phase} phase); stopping "
                               "without saving. Lower --lr or check the data, then resume from the last checkpoint")
     return loss, grad_norm, StopFlags.reason(stop_flags)

@@ -110,7 +110,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--tiktoken-pattern", "--no-mmap-bin-files", "--rampup-batch-size", "--fp16",
+    "--tiktoken-pattern", "--no-mmap-bin-files", "--rampup-batch-size",
     "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
@@ -355,13 +355,72 @@ def test_gpt2_bpe_tokenizer_from_vocab_and_merge_files_preprocesses_and_trains(t
             parse_args(GPT3_STYLE + flags)
 
 
+MOCK_TINY = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--mock-data",
+             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
+             "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0"]
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_follows_megatron_core_scaler_semantics(tmp_path):
+    from megatron_tst import parallel
+    from megatron_tst.pretrain import StopFlags, build_data, resume, setup, train_step
+
+    def losses(save, *extra):
+        assert pretrain.main(MOCK_TINY + ["--train-iters", "3", "--save", save, *extra]) == 0
+        with open(os.path.join(save, "metrics.jsonl")) as handle:
+            return [row for row in map(json.loads, handle) if "loss" in row]
+
+    # a scale small enough not to overflow: fp16 trains as fp32 does, within fp16's precision
+    fp32, fp16 = losses(str(tmp_path / "fp32")), losses(str(tmp_path / "fp16"), "--fp16", "--initial-loss-scale", "256")
+    assert all(row["grad_norm"] is not None for row in fp16)  # no step skipped
+    assert [row["loss"] for row in fp16] == pytest.approx([row["loss"] for row in fp32], rel=5e-3)
+    assert [row["grad_norm"] for row in fp16] == pytest.approx([row["grad_norm"] for row in fp32], rel=2e-2)
+
+    # dynamic scaling from 2**16 (overflows here), hysteresis 2, window 2: Megatron-LM's DynamicGradScaler semantics
+    config = parse_args(MOCK_TINY + ["--train-iters", "12", "--fp16", "--initial-loss-scale", str(2 ** 16),
+                                     "--hysteresis", "2", "--loss-scale-window", "2", "--min-loss-scale", "1"])
+    run = setup(config)
+    try:
+        resume(run)
+        run.data = build_data(run)
+        iterators = [run.data.micro_batches("next-token", 0, 2)]
+        stop, scale, hysteresis, good = StopFlags(), 2.0 ** 16, 2, 0
+        skipped, grown = 0, 0
+        for _ in range(12):
+            before = [p.detach().clone() for p in run.modules[0].parameters()]
+            steps_before = run.scheduler.num_steps
+            assert run.optimizer.get_loss_scale().item() == scale
+            _, grad_norm, _ = train_step(run, iterators, "next-token", stop)
+            changed = any(not torch.equal(a, b) for a, b in zip(before, run.modules[0].parameters()))
+            overflow = grad_norm is None
+            assert changed != overflow and (run.scheduler.num_steps == steps_before) == overflow
+            if overflow:  # skipped; the scale halves once `hysteresis` overflows have been seen
+                good, hysteresis = 0, hysteresis - 1
+                if hysteresis <= 0:
+                    scale = max(scale * 0.5, 1.0)
+                skipped += 1
+            else:  # a window of good steps doubles it and restores the hysteresis
+                good += 1
+                if good == 2:
+                    good, hysteresis, scale = 0, 2, scale * 2
+                    grown += 1
+        assert run.optimizer.get_loss_scale().item() == scale
+        assert skipped >= 2 and grown >= 1 and run.iteration == 12
+    finally:
+        parallel.shutdown()
+    for flags, message in ((["--fp16", "--bf16"], "^--fp16 and --bf16 contradict each other"),
+                           (["--loss-scale", "8"], "^--loss-scale is fp16 loss scaling: give --fp16"),
+                           (["--fp16", "--loss-scale", "0"], "^--loss-scale must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + flags)
+
+
 def test_no_op_and_refused_flags_say_so_in_help(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--use-mcore-models accepted, no effect" in text
     assert "--calculate-per-token-loss accepted, no effect" in text
-    assert "--fp16 refused: fp16 with loss scaling is not supported yet" in text
+    assert "--no-mmap-bin-files refused: not supported yet" in text
 
 
 GPT3_STYLE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -429,7 +488,6 @@ def test_without_a_preset_the_model_is_megatron_lm_gpt_as_megatron_core_builds_i
     (["--no-position-embedding"], "--no-position-embedding (no learned position table) needs --position-embedding-type rope"),
     (["--fp8-param-gather"], "--fp8-param-gather needs --fp8-format"),
     (["--ckpt-format", "torch"], "--ckpt-format torch is not supported; use torch_dist"),
-    (["--fp16"], "--fp16: fp16 with loss scaling is not supported yet; use --bf16"),
     (["--rotary-percent", "1.5"], "--rotary-percent must be in (0, 1]"),
 ])
 def test_bad_model_flags_are_one_line_errors(flags, message):
