@@ -232,8 +232,10 @@ class TrainingOptions:
                                              default=None)
     lr_warmup_fraction: float | None = _help("warm-up as a fraction of the decay steps (instead of "
                                              "--lr-warmup-iters/--lr-warmup-samples)", default=None)
-    rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
-                                       "--global-batch-size", default_factory=list)
+    rampup_batch_size: list = _help("START INCR SAMPLES: the global batch grows from START by INCR over SAMPLES "
+                                    "samples to --global-batch-size (Megatron-LM's; needs --train-samples). The TST "
+                                    "switch stays in steps, so phase 1 reads the sum of its steps' batches",
+                                    default_factory=list)
     loss_scale: float | None = _help("--fp16: a constant loss scale (megatron-core's ConstantGradScaler; default "
                                      "dynamic scaling)", default=None)
     initial_loss_scale: float | None = _help("--fp16 dynamic scaling: the first scale (default 2**32)", default=None)
@@ -385,14 +387,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _iterations_from_samples(namespace: dict) -> None:
-    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, no ramp-up)."""
+    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, or its ramp-up count)."""
+    rampup = namespace["rampup_batch_size"]
+    if rampup and namespace["train_samples"] is not None:  # without --train-samples: refused in validate
+        try:
+            start, increment, samples = (int(value) for value in rampup)
+        except ValueError:
+            raise ValueError(f"--rampup-batch-size takes three integers START INCR SAMPLES, got {' '.join(rampup)}") \
+                from None
+        final = namespace["global_batch_size"]
+        if final is not None and not (0 < start < final and increment > 0 and samples >= 0
+                                      and (final - start) % increment == 0):
+            raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: need 0 < START < --global-batch-size "
+                             f"{final}, INCR > 0 dividing {final} - START, SAMPLES >= 0")
     if namespace["train_samples"] is None:
         return
     if namespace["train_iters"] is not None:
         raise ValueError("--train-samples and --train-iters contradict each other; give one")
     if namespace["global_batch_size"] is None:
         raise ValueError("--train-samples needs --global-batch-size (iterations = samples // global batch size)")
-    namespace["train_iters"] = namespace["train_samples"] // namespace["global_batch_size"]
+    from megatron_tst.batch_schedule import BatchSchedule
+
+    namespace["train_iters"] = BatchSchedule(namespace["global_batch_size"], namespace["rampup_batch_size"]
+                                             ).iterations_for_samples(namespace["train_samples"])
 
 
 def parse_args(argv=None, check: bool = True) -> PretrainConfig:
@@ -648,6 +665,9 @@ def validate(config: PretrainConfig) -> None:
     if training.exit_duration_in_mins is not None and training.exit_duration_in_mins <= 0:
         raise ValueError(f"--exit-duration-in-mins must be > 0, got {training.exit_duration_in_mins}")
     samples = training.train_samples is not None
+    if training.rampup_batch_size and not samples:
+        raise ValueError("--rampup-batch-size needs --train-samples (Megatron-LM has no batch-size ramp-up for "
+                         "iteration-based training); give --train-samples instead of --train-iters")
     for flag, given in (("--lr-warmup-iters", training.lr_warmup_iters), ("--lr-decay-iters", training.lr_decay_iters),
                         ("--lr-wsd-decay-iters", training.lr_wsd_decay_iters)):
         if samples and given:
@@ -739,17 +759,17 @@ def wsd_decay_iters(training: TrainingOptions) -> int:
     return training.lr_wsd_decay_iters or max(1, math.ceil(0.1 * training.train_iters))
 
 
-def lr_schedule(training: TrainingOptions) -> tuple[dict, int]:
-    """OptimizerParamScheduler's step counts, and how far each iteration advances it: counted in
-    iterations, or with --train-samples in samples as Megatron-LM (an iteration advances it by
-    --global-batch-size)."""
+def lr_schedule(training: TrainingOptions) -> tuple[dict, bool]:
+    """OptimizerParamScheduler's step counts, and whether they count samples: in iterations, or with
+    --train-samples in samples as Megatron-LM (an iteration advances it by its global batch size,
+    which --rampup-batch-size makes vary)."""
     if training.train_samples is not None:
-        total, increment = training.train_samples, training.global_batch_size
+        total, increment = training.train_samples, True
         decay = training.lr_decay_samples or total
         warmup = training.lr_warmup_samples or 0
         wsd = training.lr_wsd_decay_samples or max(1, math.ceil(0.1 * total))
     else:
-        total, increment = training.train_iters, 1
+        total, increment = training.train_iters, False
         decay = training.lr_decay_iters or total
         warmup, wsd = training.lr_warmup_iters, wsd_decay_iters(training)
     if training.lr_warmup_fraction is not None:

@@ -37,6 +37,7 @@ from megatron_tst.arguments import (
     parse_args,
     resolved_transformer_impl, torch_fusion_settings,
 )
+from megatron_tst.batch_schedule import BatchSchedule
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
@@ -267,7 +268,7 @@ class Run:
     metrics: MetricsLogger
     vocab_size: int
     eod: int
-    global_batch: int
+    global_batch: int  # after any ramp-up; the step's own: step_batch()
     num_microbatches: int
     dp_rank: int
     dp_size: int
@@ -279,6 +280,14 @@ class Run:
     data: TSTData | None = None
     started: float = dataclasses.field(default_factory=time.time)  # --exit-duration-in-mins counts from here
     profiler: object = None  # --profile (megatron_tst/profiling.py), set by train
+    batch_schedule: BatchSchedule | None = None  # --rampup-batch-size
+
+    def step_batch(self) -> int:
+        """The next step's global batch size: --global-batch-size, or the ramp's at the samples
+        consumed so far (both phases, as Megatron-LM counts them)."""
+        if self.batch_schedule is None:
+            return self.global_batch
+        return self.batch_schedule.at(sum(self.consumed.values()))
 
     @property
     def modules(self):
@@ -288,6 +297,7 @@ class Run:
         """What a resume must find unchanged: corpus files and tokenizer by content, not by path alone."""
         config, data_plan = self.config, self.data_plan
         return dict(data_path=list(config.data.data_path), mock_data=config.data.mock_data,
+                    rampup_batch_size=[int(v) for v in config.training.rampup_batch_size],
                     split=config.data.split, seed=config.training.seed,
                     seq_length=config.model.seq_length, global_batch_size=self.global_batch,
                     train_iters=config.training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
@@ -336,6 +346,10 @@ def setup(config: PretrainConfig) -> Run:
     if global_batch % (training.micro_batch_size * dp_size):
         raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
                          f"{training.micro_batch_size} x data-parallel size {dp_size}")
+    for what, size in zip(("START", "INCR"), training.rampup_batch_size[:2]):  # so is every ramp step's batch
+        if int(size) % (training.micro_batch_size * dp_size):
+            raise ValueError(f"--rampup-batch-size {what} {size} is not a multiple of --micro-batch-size "
+                             f"{training.micro_batch_size} x data-parallel size {dp_size}")
 
     plan = config.tst.plan(training.train_iters)
     vocab_size, eod = tokenizer_info(config)
@@ -356,6 +370,7 @@ def setup(config: PretrainConfig) -> Run:
                metrics=MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, enabled=is_logger,
                                      throughput=config.logging.log_throughput),
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
+               batch_schedule=BatchSchedule(global_batch, training.rampup_batch_size),
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
                dp_size=dp_size, data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
                tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
@@ -407,6 +422,7 @@ def build_data(run: Run) -> TSTData:
     config = run.config
     data = TSTData(DataConfig(
         data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=run.global_batch,
+        batch_sizes=run.batch_schedule.sizes(config.training.train_iters) if config.training.rampup_batch_size else None,
         vocab_size=run.vocab_size, eod=run.eod, split=config.data.split, seed=config.training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
         cache_dir=config.data.data_cache_path, mock=config.data.mock_data,
@@ -456,15 +472,15 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
                                             run.dp_rank, run.dp_size, config.data.num_workers or 0)
                          for _ in run.chunks]
             iterator_phase = phase
-        started = time.time()
+        started, batch = time.time(), run.step_batch()
         loss, grad_norm, stop_reason = train_step(run, iterators, phase, stop)
         iteration = run.iteration
         metrics.step(iteration=iteration, phase=phase, loss=loss,
                      target_entropy=plan.target_entropy if plan else 0.0,
                      lr=run.scheduler.get_lr(run.optimizer.param_groups[0]), grad_norm=grad_norm,
-                     raw_tokens=run.global_batch * (data.sample_length[phase] - 1),
-                     positions=run.global_batch * config.model.seq_length,
-                     flops=3 * flops_per_position * run.global_batch * config.model.seq_length,
+                     raw_tokens=batch * (data.sample_length[phase] - 1),
+                     positions=batch * config.model.seq_length,
+                     flops=3 * flops_per_position * batch * config.model.seq_length,
                      step_time=time.time() - started, peak_flops=config.logging.peak_flops,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1,
                      log=iteration % config.logging.log_interval == 0 or iteration == training.train_iters)
@@ -503,13 +519,14 @@ def train_step(run: Run, iterators, phase: str, stop: StopFlags) -> tuple[float,
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    totals = run_step(run.chunks, iterators, run.num_microbatches, run.config)
+    batch = run.step_batch()
+    totals = run_step(run.chunks, iterators, batch // (run.config.training.micro_batch_size * run.dp_size), run.config)
     succeeded, grad_norm, _ = run.optimizer.step()
     loss_sum, tokens, *stop_flags = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
     if succeeded:  # --fp16: a step whose gradients overflowed is skipped, the LR schedule too (Megatron-LM)
-        run.scheduler.step(increment=lr_schedule(run.config.training)[1])
+        run.scheduler.step(increment=batch if lr_schedule(run.config.training)[1] else 1)
     run.iteration += 1
-    run.consumed[phase] = run.consumed.get(phase, 0) + run.global_batch
+    run.consumed[phase] = run.consumed.get(phase, 0) + batch
     loss = loss_sum / max(tokens, 1)
     # dynamic loss scaling takes an overflowing (skipped) step as its signal, as Megatron-LM
     if not math.isfinite(loss) and (succeeded or run.config.training.loss_scale is not None):

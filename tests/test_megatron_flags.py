@@ -110,7 +110,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
 REFUSED = {
-    "--tiktoken-pattern", "--no-mmap-bin-files", "--rampup-batch-size",
+    "--tiktoken-pattern", "--no-mmap-bin-files",
     "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
@@ -203,6 +203,10 @@ def test_megatron_lm_recipe_flags_are_honoured_or_refused_in_one_line(recipe, si
 
     # FP8's settings go with --fp8-format (their own check: they need it)
     runnable = recipe_argv(recipe, drop=refused | (FP8_SETTINGS if "--fp8-format" in refused else set()))
+    if "--rampup-batch-size" in flags:  # the GPT-3 recipe ramps with --train-iters, which Megatron-LM asserts against
+        with pytest.raises(ValueError, match="^--rampup-batch-size needs --train-samples"):
+            parse_args(runnable)
+        runnable = recipe_argv(recipe, drop=refused | {"--rampup-batch-size"})
     for tst in ([], ["--tst-bag-size", "6", "--tst-ratio", "0.3"]):
         config = parse_args(runnable + tst)
         check_environment(config)
@@ -410,6 +414,37 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_follows_megatron_core_sca
     for flags, message in ((["--fp16", "--bf16"], "^--fp16 and --bf16 contradict each other"),
                            (["--loss-scale", "8"], "^--loss-scale is fp16 loss scaling: give --fp16"),
                            (["--fp16", "--loss-scale", "0"], "^--loss-scale must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + flags)
+
+
+def test_rampup_batch_size_grows_the_global_batch_by_megatron_lm_formula_across_both_phases(tmp_path):
+    save = str(tmp_path / "run")
+    argv = MOCK_TINY + ["--global-batch-size", "8", "--train-samples", "60", "--rampup-batch-size", "2", "2", "20",
+                        "--tst-bag-size", "2", "--tst-ratio", "0.5", "--save", save]  # the last --global-batch-size wins
+    assert pretrain.main(argv) == 0
+
+    def megatron_lm(consumed, start=2, increment=2, ramp=20, final=8):  # num_microbatches_calculator's formula
+        if consumed > ramp:
+            return final
+        return start + int(consumed / (ramp / ((final - start) // increment))) * increment
+
+    expected, consumed = [], 0
+    while consumed <= 20:  # Megatron-LM's update_train_iters: ramp steps, then whole final batches
+        expected.append(megatron_lm(consumed))
+        consumed += expected[-1]
+    expected += [8] * ((60 - consumed) // 8)
+    with open(os.path.join(save, "metrics.jsonl")) as handle:
+        rows = [row for row in map(json.loads, handle) if "loss" in row]
+    positions = [b["latent_positions"] - a["latent_positions"] for a, b in zip([{"latent_positions": 0}] + rows, rows)]
+    assert [p // 16 for p in positions] == expected == [2, 2, 2, 2, 4, 4, 6, 8, 8, 8, 8]
+    assert [row["phase"] for row in rows] == ["superposition"] * 6 + ["recovery"] * 5  # the switch in steps
+    raw = [b["raw_tokens"] - a["raw_tokens"] for a, b in zip([{"raw_tokens": 0}] + rows, rows)]
+    assert raw == [size * 16 * (2 if step < 6 else 1) for step, size in enumerate(expected)]  # phase 1: bags of 2
+    for flags, message in ((["--rampup-batch-size", "2", "2", "20", "--train-iters", "5"],
+                            "^--rampup-batch-size needs --train-samples"),
+                           (["--rampup-batch-size", "3", "2", "20", "--train-samples", "80", "--global-batch-size", "8"],
+                            "^--rampup-batch-size 3 2 20: need 0 < START < --global-batch-size 8, INCR > 0 dividing")):
         with pytest.raises(ValueError, match=message):
             parse_args(GPT3_STYLE + flags)
 

@@ -67,6 +67,7 @@ class DataConfig:
     eod_mask_loss: bool = False
     allow_repetition: bool = False
     cache_dir: str | None = None  # None: Megatron's default, a cache/ folder beside each dataset
+    batch_sizes: Sequence[int] | None = None  # per step, with --rampup-batch-size (else global_batch_size each)
     mock: bool = False  # --mock-data: megatron-core's synthetic documents instead of data_path (data/mock.py)
 
 
@@ -143,8 +144,10 @@ class TSTData:
         self.phase_names = [name for name, _ in _phases(plan, total_iters)]
         self.samples = {}
         self.sample_length = {}
+        first = 0
         for name, steps in _phases(plan, total_iters):
-            self.samples[name] = steps * config.global_batch_size
+            sizes = config.batch_sizes[first:first + steps] if config.batch_sizes else [config.global_batch_size] * steps
+            self.samples[name], first = sum(sizes), first + steps
             bag = plan.bag_size if (name == SUPERPOSITION and plan.mode != "output-only") else 1
             self.sample_length[name] = bag * config.seq_length + 1
         self.report_rows = []
