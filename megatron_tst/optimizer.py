@@ -86,3 +86,22 @@ class ForeachNormChainedOptimizer(ChainedOptimizer):
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=optimizer.get_grad_stats_parallel_group())
             total = part if total is None else total + part
         return 0.0 if total is None else math.sqrt(total.item())  # the step's one host read
+
+
+def fresh_adam_state(optimizer) -> int:
+    """Give every parameter without Adam state the state torch's Adam would create at its first step
+    (step 0, zero moments), so that a checkpoint saved before any update (fp16: the first steps
+    overflow and are skipped) holds the moments megatron-core expects when loading it. The next
+    update is the same as from no state. Returns how many parameters got one."""
+    count = 0
+    for adam in torch_adams(optimizer):
+        for group in adam.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for param in group["params"]:
+                if len(adam.state[param]) == 0:
+                    adam.state[param].update(
+                        step=torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu"),
+                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
+                    count += 1
+    return count

@@ -42,7 +42,7 @@ from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
-from megatron_tst.optimizer import ForeachNormChainedOptimizer, use_fused_adamw
+from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
 
@@ -322,6 +322,8 @@ class Run:
                           metrics=self.metrics.totals(),
                           tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
                                          phase=self.data.phase_of(at_iteration)) if plan else None)
+            if self.config.model.fp16:  # skipped (overflowing) steps may have left Adam without state
+                fresh_adam_state(self.optimizer)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
                                    self.run_config())
