@@ -269,7 +269,7 @@ class Run:
     vocab_size: int
     eod: int
     global_batch: int  # after any ramp-up; the step's own: step_batch()
-    num_microbatches: int
+    num_microbatches: int  # of global_batch (a ramp step has its own: step_batch() // (micro x dp))
     dp_rank: int
     dp_size: int
     data_files: dict
@@ -374,7 +374,8 @@ def setup(config: PretrainConfig) -> Run:
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
                batch_schedule=BatchSchedule(global_batch, training.rampup_batch_size),
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
-               dp_size=dp_size, data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
+               dp_size=dp_size,
+               data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
                tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
                                             files=(config.data.vocab_file, config.data.merge_file)))
 
@@ -424,7 +425,8 @@ def build_data(run: Run) -> TSTData:
     config = run.config
     data = TSTData(DataConfig(
         data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=run.global_batch,
-        batch_sizes=run.batch_schedule.sizes(config.training.train_iters) if config.training.rampup_batch_size else None,
+        batch_sizes=(run.batch_schedule.sizes(config.training.train_iters) if config.training.rampup_batch_size
+                     else None),
         vocab_size=run.vocab_size, eod=run.eod, split=config.data.split, seed=config.training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
         cache_dir=config.data.data_cache_path, mock=config.data.mock_data,
@@ -522,7 +524,8 @@ def train_step(run: Run, iterators, phase: str, stop: StopFlags) -> tuple[float,
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     batch = run.step_batch()
-    totals = run_step(run.chunks, iterators, batch // (run.config.training.micro_batch_size * run.dp_size), run.config)
+    micro_batches = batch // (run.config.training.micro_batch_size * run.dp_size)
+    totals = run_step(run.chunks, iterators, micro_batches, run.config)
     succeeded, grad_norm, _ = run.optimizer.step()
     loss_sum, tokens, *stop_flags = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
     if succeeded:  # --fp16: a step whose gradients overflowed is skipped, the LR schedule too (Megatron-LM)

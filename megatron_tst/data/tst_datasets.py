@@ -146,7 +146,8 @@ class TSTData:
         self.sample_length = {}
         first = 0
         for name, steps in _phases(plan, total_iters):
-            sizes = config.batch_sizes[first:first + steps] if config.batch_sizes else [config.global_batch_size] * steps
+            sizes = (config.batch_sizes[first:first + steps] if config.batch_sizes
+                     else [config.global_batch_size] * steps)
             self.samples[name], first = sum(sizes), first + steps
             bag = plan.bag_size if (name == SUPERPOSITION and plan.mode != "output-only") else 1
             self.sample_length[name] = bag * config.seq_length + 1
@@ -341,7 +342,8 @@ class TSTData:
         return _model_sample(self.valid[index], None)
 
     def micro_batches(self, phase: str, consumed_samples: int, micro_batch_size: int,
-                      data_parallel_rank: int = 0, data_parallel_size: int = 1, num_workers: int = 0) -> Iterator[dict]:
+                      data_parallel_rank: int = 0, data_parallel_size: int = 1,
+                      num_workers: int = 0) -> Iterator[dict]:
         """Micro-batches of this data-parallel rank from ``consumed_samples`` on (global sample order
         is independent of the parallel layout, as Megatron's pretraining sampler). ``num_workers``
         (--num-workers) > 0 reads them in a torch DataLoader's worker processes: the same batches."""
