@@ -116,9 +116,9 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     return get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
-        clip_grad=training.clip_grad, bf16=config.model.bf16,
+        clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,
-        fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}), params_dtype=model_config.params_dtype,
+        fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}),
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
 
