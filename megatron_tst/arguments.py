@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_tst import profiling
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -107,6 +108,9 @@ class ModelOptions:
     fp8_param_gather: bool = _help("keep parameters in FP8 and all-gather them in FP8 (with --fp8-format)",
                                    default=False)
     bf16: bool = _help("bf16 parameters and compute, fp32 master weights", default=False)
+    fp16: bool = _help("fp16 parameters and compute, fp32 master weights, loss scaling (megatron-core's "
+                       "Float16OptimizerWithFloat16Params and grad scalers, as Megatron-LM); a step whose "
+                       "gradients overflow is skipped (no update, no LR step)", default=False)
     # Megatron-LM's fusions, on by default with Transformer Engine (see ``fusion_settings``)
     no_gradient_accumulation_fusion: bool = _help("do not fuse weight-gradient accumulation into the GEMM",
                                                   default=False)
@@ -236,13 +240,22 @@ class TrainingOptions:
                                              default=None)
     lr_warmup_fraction: float | None = _help("warm-up as a fraction of the decay steps (instead of "
                                              "--lr-warmup-iters/--lr-warmup-samples)", default=None)
-    rampup_batch_size: list = _refused("batch-size ramp-up is not supported yet; give a constant "
-                                       "--global-batch-size", default_factory=list)
-    fp16: bool = _refused("fp16 with loss scaling is not supported yet; use --bf16", default=False)
-    decoupled_lr: float | None = _refused("a separate embedding/output learning rate is not supported yet; "
-                                          "drop it (--lr applies to every parameter)", default=None)
-    decoupled_min_lr: float | None = _refused("a separate embedding/output learning rate is not supported "
-                                              "yet; drop it", default=None)
+    rampup_batch_size: list = _help("START INCR SAMPLES: the global batch grows from START by INCR over SAMPLES "
+                                    "samples to --global-batch-size (Megatron-LM's; needs --train-samples). The TST "
+                                    "switch stays in steps, so phase 1 reads the sum of its steps' batches",
+                                    default_factory=list)
+    loss_scale: float | None = _help("--fp16: a constant loss scale (megatron-core's ConstantGradScaler; default "
+                                     "dynamic scaling)", default=None)
+    initial_loss_scale: float | None = _help("--fp16 dynamic scaling: the first scale (default 2**32)", default=None)
+    min_loss_scale: float | None = _help("--fp16 dynamic scaling: the smallest scale (default 1)", default=None)
+    loss_scale_window: float | None = _help("--fp16 dynamic scaling: steps without overflow before the scale "
+                                            "doubles (default 1000)", default=None)
+    hysteresis: int | None = _help("--fp16 dynamic scaling: overflows tolerated before the scale halves "
+                                   "(default 2)", default=None)
+    decoupled_lr: float | None = _help("peak learning rate of the input embedding and output layer (megatron-core's "
+                                       "decoupled LR param group; default --lr)", default=None)
+    decoupled_min_lr: float | None = _help("minimum learning rate of the input embedding and output layer (with "
+                                           "--decoupled-lr; default --min-lr)", default=None)
     grad_reduce_in_bf16: bool = _help("reduce gradients in bf16 (with --bf16; default fp32)", default=False)
     exit_duration_in_mins: float | None = _help("save and stop every rank after the step that ends this many "
                                                 "minutes after the job started (the same command resumes)",
@@ -259,23 +272,25 @@ class TrainingOptions:
 class DataOptions:
     data_path: list = _help("dataset prefix, or 'w1 prefix1 w2 prefix2 ...'", default_factory=list)
     split: str = _help("train,valid,test document split", default="969,30,1")
-    tokenizer_type: str | None = _help("SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer", default=None)
+    tokenizer_type: str | None = _help("SentencePieceTokenizer (GPTSentencePieceTokenizer, Llama2Tokenizer), "
+                                       "HuggingFaceTokenizer (a local folder or tokenizer.json), GPT2BPETokenizer "
+                                       "or NullTokenizer; Megatron-LM's others are refused", default=None)
     tokenizer_model: str | None = _help("tokenizer file or folder", default=None)
     eod_mask_loss: bool = _help("do not train on the token that follows an EOD", default=False)
     allow_data_repetition: bool = _help("let a phase read its documents more than once", default=False)
     data_cache_path: str | None = _help("where dataset indices are cached", default=None)
-    mock_data: bool = _refused("synthetic data is not supported yet; give --data-path", default=False)
-    vocab_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
-                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
-    merge_file: str | None = _refused("GPT2BPETokenizer is not supported yet; use --tokenizer-type "
-                                      "HuggingFaceTokenizer --tokenizer-model gpt2", default=None)
+    mock_data: bool = _help("megatron-core's synthetic documents instead of --data-path (benchmarks; both TST "
+                            "phases; split by --split, read more than once if needed)", default=False)
+    vocab_file: str | None = _help("GPT-2 vocab.json (with --tokenizer-type GPT2BPETokenizer, the default when "
+                                   "--vocab-file and --merge-file are given)", default=None)
+    merge_file: str | None = _help("GPT-2 merges.txt (with --tokenizer-type GPT2BPETokenizer)", default=None)
     tiktoken_pattern: str | None = _refused("TikTokenizer is not supported; drop it", default=None)
     no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
                                                           "attention builds the causal mask)", default=False)
     no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
                                        default=False)
-    num_workers: int | None = _refused("not supported yet: samples are read in the training process; drop it",
-                                       default=None)
+    num_workers: int | None = _help("DataLoader worker processes reading the training samples (default 0: read "
+                                    "in the training process; Megatron-LM's default is 2)", default=None)
 
 
 @dataclass
@@ -301,9 +316,14 @@ class LoggingOptions:
     tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
     peak_flops: float | None = _help("peak FLOP/s per device, for MFU", default=None)
     log_throughput: bool = _help("log model TFLOP/s per GPU (tokens/s are always logged)", default=False)
-    profile: bool = _refused("not supported yet; drop it", default=False)
-    profile_step_start: int | None = _refused("not supported yet (see --profile); drop it", default=None)
-    profile_step_end: int | None = _refused("not supported yet (see --profile); drop it", default=None)
+    profile: bool = _help("torch.profiler trace of --profile-step-start..--profile-step-end, written to "
+                          "--tensorboard-dir (else <save>/profile) as Megatron-LM; on CUDA also an nsys capture range "
+                          "(cudaProfilerStart/Stop)", default=False)
+    profile_step_start: int | None = _help("first profiled step (default 10, as Megatron-LM)", default=None)
+    profile_step_end: int | None = _help("step the profile ends at (default 12)", default=None)
+    profile_ranks: list = _help("global ranks to profile (default 0)", default_factory=list)
+    use_pytorch_profiler: bool = _help("accepted: --profile always writes a torch.profiler trace (and sets the "
+                                       "nsys range on CUDA)", default=False)
     wandb_project: str | None = _refused("Weights & Biases logging is not supported yet; use --tensorboard-dir",
                                          default=None)
     wandb_exp_name: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
@@ -375,20 +395,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _iterations_from_samples(namespace: dict) -> None:
-    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, no ramp-up)."""
+    """--train-samples sets --train-iters (Megatron-LM: samples // global batch, or its ramp-up count)."""
+    rampup = namespace["rampup_batch_size"]
+    if rampup and namespace["train_samples"] is not None:  # without --train-samples: refused in validate
+        try:
+            start, increment, samples = (int(value) for value in rampup)
+        except ValueError:
+            raise ValueError(f"--rampup-batch-size takes three integers START INCR SAMPLES, got {' '.join(rampup)}") \
+                from None
+        final = namespace["global_batch_size"]
+        if final is not None and not (0 < start < final and increment > 0 and samples >= 0
+                                      and (final - start) % increment == 0):
+            raise ValueError(f"--rampup-batch-size {start} {increment} {samples}: need 0 < START < --global-batch-size "
+                             f"{final}, INCR > 0 dividing {final} - START, SAMPLES >= 0")
     if namespace["train_samples"] is None:
         return
     if namespace["train_iters"] is not None:
         raise ValueError("--train-samples and --train-iters contradict each other; give one")
     if namespace["global_batch_size"] is None:
         raise ValueError("--train-samples needs --global-batch-size (iterations = samples // global batch size)")
-    namespace["train_iters"] = namespace["train_samples"] // namespace["global_batch_size"]
+    from megatron_tst.batch_schedule import BatchSchedule
+
+    namespace["train_iters"] = BatchSchedule(namespace["global_batch_size"], namespace["rampup_batch_size"]
+                                             ).iterations_for_samples(namespace["train_samples"])
 
 
 def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
     _iterations_from_samples(namespace)
+    if namespace["tokenizer_type"] is None and (namespace["vocab_file"] or namespace["merge_file"]):
+        namespace["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron-LM's GPT-3 recipes give only the two files
     hints = typing.get_type_hints(PretrainConfig)
     groups = {}
     for group_field in dataclasses.fields(PretrainConfig):
@@ -539,6 +576,8 @@ def model_settings(config: PretrainConfig) -> dict:
     routing, FP8 scaling."""
     model = config.model
     settings = model.dropouts()
+    if model.fp16:  # Megatron-LM's params_dtype torch.half (bf16 is transformer_config's own argument)
+        settings.update(fp16=True, params_dtype=torch.float16, pipeline_dtype=torch.float16)
     if model.num_experts or (model.model_preset and preset(model.model_preset).num_experts):
         settings["moe_router_load_balancing_type"] = model.moe_router_load_balancing_type
     if model.moe_grouped_gemm:
@@ -639,6 +678,12 @@ def validate(config: PretrainConfig) -> None:
         if given and model.fp8_format is None:
             raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
     check_recompute(model)
+    profiling.check(config.logging, config.checkpoint)
+    if config.data.num_workers is not None and config.data.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {config.data.num_workers}")
+    check_tokenizer_flags(config.data)
+    if config.data.mock_data and config.data.data_path:
+        raise ValueError("--mock-data and --data-path contradict each other; give one")
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
     for flag, value in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
@@ -646,6 +691,9 @@ def validate(config: PretrainConfig) -> None:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
     if training.train_iters < 1:
         raise ValueError(f"--train-iters must be >= 1, got {training.train_iters}")
+    if training.decoupled_min_lr is not None and training.decoupled_lr is None:
+        raise ValueError("--decoupled-min-lr needs --decoupled-lr; give it, or drop --decoupled-min-lr")
+    check_fp16(model, training)
     if training.grad_reduce_in_bf16 and not model.bf16:
         raise ValueError("--grad-reduce-in-bf16 needs --bf16")
     if training.empty_unused_memory_level not in (0, 1, 2):
@@ -653,6 +701,9 @@ def validate(config: PretrainConfig) -> None:
     if training.exit_duration_in_mins is not None and training.exit_duration_in_mins <= 0:
         raise ValueError(f"--exit-duration-in-mins must be > 0, got {training.exit_duration_in_mins}")
     samples = training.train_samples is not None
+    if training.rampup_batch_size and not samples:
+        raise ValueError("--rampup-batch-size needs --train-samples (Megatron-LM has no batch-size ramp-up for "
+                         "iteration-based training); give --train-samples instead of --train-iters")
     for flag, given in (("--lr-warmup-iters", training.lr_warmup_iters), ("--lr-decay-iters", training.lr_decay_iters),
                         ("--lr-wsd-decay-iters", training.lr_wsd_decay_iters)):
         if samples and given:
@@ -684,6 +735,48 @@ def validate(config: PretrainConfig) -> None:
                          f"{par.pipeline_model_parallel_size} pipeline stages")
 
 
+LOSS_SCALE_FLAGS = ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+
+
+def check_fp16(model: ModelOptions, training: TrainingOptions) -> None:
+    if model.fp16 and model.bf16:
+        raise ValueError("--fp16 and --bf16 contradict each other; give one")
+    given = [_flag(name) for name in LOSS_SCALE_FLAGS if getattr(training, name) is not None]
+    if given and not model.fp16:
+        raise ValueError(f"{given[0]} is fp16 loss scaling: give --fp16, or drop {given[0]}")
+    if model.fp16 and model.fp8_format:
+        raise ValueError("--fp8-format with --fp16 is not supported here (the recipes train FP8 with --bf16); "
+                         "give --bf16")
+    if training.loss_scale is not None and training.loss_scale <= 0:
+        raise ValueError(f"--loss-scale must be > 0, got {training.loss_scale}")
+
+
+def loss_scaling(training: TrainingOptions) -> dict:
+    """OptimizerConfig's loss-scaling fields, Megatron-LM's defaults where a flag is absent."""
+    defaults = dict(initial_loss_scale=2.0 ** 32, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2)
+    scaling = {name: getattr(training, name) if getattr(training, name) is not None else default
+               for name, default in defaults.items()}
+    return dict(scaling, loss_scale=training.loss_scale)
+
+
+def check_tokenizer_flags(data: DataOptions) -> None:
+    from megatron_tst.data.tokenizers import SENTENCEPIECE_ALIASES, TOKENIZER_TYPES
+
+    kind = data.tokenizer_type
+    if kind is not None and kind not in TOKENIZER_TYPES + SENTENCEPIECE_ALIASES:
+        raise ValueError(f"--tokenizer-type {kind} is not supported (this GPT pretraining takes "
+                         f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}); convert it to a HuggingFace "
+                         "tokenizer folder and use HuggingFaceTokenizer")
+    if (data.vocab_file or data.merge_file) and kind != "GPT2BPETokenizer":
+        raise ValueError(f"--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer, not {kind}; "
+                         "drop them")
+    if kind == "GPT2BPETokenizer" and not (data.vocab_file and data.merge_file):
+        raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if kind == "GPT2BPETokenizer" and data.tokenizer_model:
+        raise ValueError("--tokenizer-model does not go with GPT2BPETokenizer (it reads --vocab-file and "
+                         "--merge-file); drop it")
+
+
 def check_recompute(model: ModelOptions) -> None:
     """Megatron-LM's recomputation flags, their combinations refused in one line (megatron-core asserts)."""
     granularity, method, layers = model.recompute_granularity, model.recompute_method, model.recompute_num_layers
@@ -702,17 +795,17 @@ def wsd_decay_iters(training: TrainingOptions) -> int:
     return training.lr_wsd_decay_iters or max(1, math.ceil(0.1 * training.train_iters))
 
 
-def lr_schedule(training: TrainingOptions) -> tuple[dict, int]:
-    """OptimizerParamScheduler's step counts, and how far each iteration advances it: counted in
-    iterations, or with --train-samples in samples as Megatron-LM (an iteration advances it by
-    --global-batch-size)."""
+def lr_schedule(training: TrainingOptions) -> tuple[dict, bool]:
+    """OptimizerParamScheduler's step counts, and whether they count samples: in iterations, or with
+    --train-samples in samples as Megatron-LM (an iteration advances it by its global batch size,
+    which --rampup-batch-size makes vary)."""
     if training.train_samples is not None:
-        total, increment = training.train_samples, training.global_batch_size
+        total, increment = training.train_samples, True
         decay = training.lr_decay_samples or total
         warmup = training.lr_warmup_samples or 0
         wsd = training.lr_wsd_decay_samples or max(1, math.ceil(0.1 * total))
     else:
-        total, increment = training.train_iters, 1
+        total, increment = training.train_iters, False
         decay = training.lr_decay_iters or total
         warmup, wsd = training.lr_warmup_iters, wsd_decay_iters(training)
     if training.lr_warmup_fraction is not None:

@@ -214,6 +214,21 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
     return final
 
 
+def _with_zero_step(state):
+    """megatron-core saves the Adam step shared by all parameters only when it is nonzero (``if
+    step:``), so a checkpoint saved before any update (fp16: the first steps overflow and are
+    skipped; ``optimizer.fresh_adam_state``) loads moments without a step, which torch's Adam
+    rejects. Their step is 0: given as a number, torch makes it the tensor its Adam variant needs."""
+    for part in state if isinstance(state, list) else [state]:
+        inner = part.get("optimizer") if isinstance(part, dict) else None
+        if not isinstance(inner, dict) or "common_step" in inner.get("state", {}):
+            continue
+        for param_state in inner.get("state", {}).values():
+            if isinstance(param_state, dict) and "exp_avg" in param_state:
+                param_state.setdefault("step", 0.0)
+    return state
+
+
 def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = None,
          load_optimizer: bool = True, load_rng: bool = True) -> dict:
     """Load the newest (or the given) checkpoint into the model, optimizer and scheduler; returns
@@ -235,7 +250,7 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
     for index, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{index}"])
     if load_optimizer and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(_with_zero_step(loaded["optimizer"]))
     elif optimizer is not None:
         optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
     if scheduler is not None and loaded["scheduler"] is not None:

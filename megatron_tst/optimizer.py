@@ -116,3 +116,22 @@ def clip_by_total_norm(optimizer, total_norm: float) -> None:
     grads = [to_local_if_dtensor(g).detach() for g in grads if g is not None]
     if grads:
         torch._foreach_mul_(grads, coefficient)
+
+
+def fresh_adam_state(optimizer) -> int:
+    """Give every parameter without Adam state the state torch's Adam would create at its first step
+    (step 0, zero moments), so that a checkpoint saved before any update (fp16: the first steps
+    overflow and are skipped) holds the moments megatron-core expects when loading it. The next
+    update is the same as from no state. Returns how many parameters got one."""
+    count = 0
+    for adam in torch_adams(optimizer):
+        for group in adam.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for param in group["params"]:
+                if len(adam.state[param]) == 0:
+                    adam.state[param].update(
+                        step=torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu"),
+                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
+                    count += 1
+    return count

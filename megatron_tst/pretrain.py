@@ -31,16 +31,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, orphan, parallel, preflight
+from megatron_tst import checkpointing, device, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
-    PretrainConfig, check_environment, fusion_settings, lr_schedule, model_settings, overlap_settings, parse_args,
+    PretrainConfig, check_environment, fusion_settings, loss_scaling, lr_schedule, model_settings, overlap_settings,
+    parse_args,
     resolved_transformer_impl, torch_fusion_settings,
 )
+from megatron_tst.batch_schedule import BatchSchedule
 from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
-from megatron_tst.optimizer import ForeachNormChainedOptimizer, use_fused_adamw
+from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 
 
@@ -89,7 +91,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
     )
-    if model_config.bf16:
+    if model_config.bf16 or model_config.fp16:
         # as Megatron-LM's get_model: every parameter in bf16 (torch norms are built in fp32), so the
         # mixed-precision optimizer's fp32 main copies cover all of them and its checkpoint maps each
         # one to a model tensor; inputs cast on the first stage, outputs to fp32 on the last
@@ -115,6 +117,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
+        decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,
+        fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}),
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
 
@@ -231,7 +235,8 @@ def tokenizer_info(config: PretrainConfig):
         return vocab, vocab - 1
     from megatron_tst.data.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model)
+    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_file=data.vocab_file,
+                               merge_file=data.merge_file)
     return tokenizer.vocab_size, tokenizer.eod
 
 
@@ -263,8 +268,8 @@ class Run:
     metrics: MetricsLogger
     vocab_size: int
     eod: int
-    global_batch: int
-    num_microbatches: int
+    global_batch: int  # after any ramp-up; the step's own: step_batch()
+    num_microbatches: int  # of global_batch (a ramp step has its own: step_batch() // (micro x dp))
     dp_rank: int
     dp_size: int
     data_files: dict
@@ -274,6 +279,15 @@ class Run:
     data_plan: TSTPlan | None = None  # the plan the data follows (a recovery job keeps phase 1's)
     data: TSTData | None = None
     started: float = dataclasses.field(default_factory=time.time)  # --exit-duration-in-mins counts from here
+    profiler: object = None  # --profile (megatron_tst/profiling.py), set by train
+    batch_schedule: BatchSchedule | None = None  # --rampup-batch-size
+
+    def step_batch(self) -> int:
+        """The next step's global batch size: --global-batch-size, or the ramp's at the samples
+        consumed so far (both phases, as Megatron-LM counts them)."""
+        if self.batch_schedule is None:
+            return self.global_batch
+        return self.batch_schedule.at(sum(self.consumed.values()))
 
     @property
     def modules(self):
@@ -282,7 +296,9 @@ class Run:
     def data_identity(self) -> dict:
         """What a resume must find unchanged: corpus files and tokenizer by content, not by path alone."""
         config, data_plan = self.config, self.data_plan
-        return dict(data_path=list(config.data.data_path), split=config.data.split, seed=config.training.seed,
+        return dict(data_path=list(config.data.data_path), mock_data=config.data.mock_data,
+                    rampup_batch_size=[int(v) for v in config.training.rampup_batch_size],
+                    split=config.data.split, seed=config.training.seed,
                     seq_length=config.model.seq_length, global_batch_size=self.global_batch,
                     train_iters=config.training.train_iters, eod_mask_loss=config.data.eod_mask_loss,
                     data_files=self.data_files, tokenizer=self.tokenizer,
@@ -306,6 +322,8 @@ class Run:
                           metrics=self.metrics.totals(),
                           tst_state=dict(plan=dataclasses.asdict(plan), switch_iter=plan.switch_iter,
                                          phase=self.data.phase_of(at_iteration)) if plan else None)
+            if self.config.model.fp16:  # skipped (overflowing) steps may have left Adam without state
+                fresh_adam_state(self.optimizer)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
                                    self.run_config())
@@ -330,6 +348,10 @@ def setup(config: PretrainConfig) -> Run:
     if global_batch % (training.micro_batch_size * dp_size):
         raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
                          f"{training.micro_batch_size} x data-parallel size {dp_size}")
+    for what, size in zip(("START", "INCR"), training.rampup_batch_size[:2]):  # so is every ramp step's batch
+        if int(size) % (training.micro_batch_size * dp_size):
+            raise ValueError(f"--rampup-batch-size {what} {size} is not a multiple of --micro-batch-size "
+                             f"{training.micro_batch_size} x data-parallel size {dp_size}")
 
     plan = config.tst.plan(training.train_iters)
     vocab_size, eod = tokenizer_info(config)
@@ -350,9 +372,12 @@ def setup(config: PretrainConfig) -> Run:
                metrics=MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, enabled=is_logger,
                                      throughput=config.logging.log_throughput),
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
+               batch_schedule=BatchSchedule(global_batch, training.rampup_batch_size),
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
-               dp_size=dp_size, data_files=dataset_files_identity(config.data.data_path),
-               tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod))
+               dp_size=dp_size,
+               data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
+               tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
+                                            files=(config.data.vocab_file, config.data.merge_file)))
 
 
 def resume(run: Run) -> None:
@@ -400,9 +425,11 @@ def build_data(run: Run) -> TSTData:
     config = run.config
     data = TSTData(DataConfig(
         data_path=config.data.data_path, seq_length=config.model.seq_length, global_batch_size=run.global_batch,
+        batch_sizes=(run.batch_schedule.sizes(config.training.train_iters) if config.training.rampup_batch_size
+                     else None),
         vocab_size=run.vocab_size, eod=run.eod, split=config.data.split, seed=config.training.seed,
         eod_mask_loss=config.data.eod_mask_loss, allow_repetition=config.data.allow_data_repetition,
-        cache_dir=config.data.data_cache_path,
+        cache_dir=config.data.data_cache_path, mock=config.data.mock_data,
     ), run.data_plan, total_iters=config.training.train_iters)
     if run.iteration == 0 and run.metrics.enabled:
         for row in data.report():
@@ -423,9 +450,12 @@ def train(run: Run) -> dict:
     if training.manual_gc:
         gc.disable()
         gc.collect()
+    run.profiler = profiling.profiler(run.config.logging, run.config.checkpoint,
+                                      dist.get_rank() if dist.is_initialized() else 0)
     try:
         return train_loop(run, stop)
     finally:
+        run.profiler.stop()
         if training.manual_gc:
             gc.enable()
 
@@ -436,23 +466,25 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
     flops_per_position = model_flops_per_position(run.arch, config.model.seq_length)
     iterators, iterator_phase = None, None
     while run.iteration < training.train_iters:
+        run.profiler.step(run.iteration)
         phase = data.phase_of(run.iteration)
         if phase != iterator_phase:
             if plan is not None and phase != SUPERPOSITION and ckpt.exit_at_phase_switch:
                 run.save(run.iteration)
                 return {"iteration": run.iteration, "stopped": "phase switch"}
             iterators = [data.micro_batches(phase, run.consumed.get(phase, 0), training.micro_batch_size,
-                                            run.dp_rank, run.dp_size) for _ in run.chunks]
+                                            run.dp_rank, run.dp_size, config.data.num_workers or 0)
+                         for _ in run.chunks]
             iterator_phase = phase
-        started = time.time()
+        started, batch = time.time(), run.step_batch()
         loss, grad_norm, stop_reason = train_step(run, iterators, phase, stop)
         iteration = run.iteration
         metrics.step(iteration=iteration, phase=phase, loss=loss,
                      target_entropy=plan.target_entropy if plan else 0.0,
                      lr=run.scheduler.get_lr(run.optimizer.param_groups[0]), grad_norm=grad_norm,
-                     raw_tokens=run.global_batch * (data.sample_length[phase] - 1),
-                     positions=run.global_batch * config.model.seq_length,
-                     flops=3 * flops_per_position * run.global_batch * config.model.seq_length,
+                     raw_tokens=batch * (data.sample_length[phase] - 1),
+                     positions=batch * config.model.seq_length,
+                     flops=3 * flops_per_position * batch * config.model.seq_length,
                      step_time=time.time() - started, peak_flops=config.logging.peak_flops,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1,
                      log=iteration % config.logging.log_interval == 0 or iteration == training.train_iters)
@@ -491,14 +523,18 @@ def train_step(run: Run, iterators, phase: str, stop: StopFlags) -> tuple[float,
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    totals = run_step(run.chunks, iterators, run.num_microbatches, run.config)
+    batch = run.step_batch()
+    micro_batches = batch // (run.config.training.micro_batch_size * run.dp_size)
+    totals = run_step(run.chunks, iterators, micro_batches, run.config)
     succeeded, grad_norm, _ = run.optimizer.step()
     loss_sum, tokens, *stop_flags = torch.cat([totals, stop.agreed()]).tolist()  # one host sync
-    run.scheduler.step(increment=lr_schedule(run.config.training)[1])
+    if succeeded:  # --fp16: a step whose gradients overflowed is skipped, the LR schedule too (Megatron-LM)
+        run.scheduler.step(increment=batch if lr_schedule(run.config.training)[1] else 1)
     run.iteration += 1
-    run.consumed[phase] = run.consumed.get(phase, 0) + run.global_batch
+    run.consumed[phase] = run.consumed.get(phase, 0) + batch
     loss = loss_sum / max(tokens, 1)
-    if not math.isfinite(loss):
+    # dynamic loss scaling takes an overflowing (skipped) step as its signal, as Megatron-LM
+    if not math.isfinite(loss) and (succeeded or run.config.training.loss_scale is not None):
         raise TrainingStopped(f"loss is {loss} at iteration {run.iteration} ({phase} phase); stopping "
                               "without saving. Lower --lr or check the data, then resume from the last checkpoint")
     return loss, grad_norm, StopFlags.reason(stop_flags)

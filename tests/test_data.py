@@ -163,3 +163,16 @@ def test_too_small_corpus_is_refused_with_the_numbers_unless_repetition_is_allow
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.bin not found; --data-path takes the prefix"):
         make(str(tmp_path / "nowhere"), 10, None, iters=2)
+
+
+def test_dataloader_workers_give_the_same_batches(corpus):
+    """--num-workers: a torch DataLoader with worker processes reads exactly the in-process batches."""
+    prefix, end = corpus
+    data = make(prefix, end, TSTPlan(bag_size=2, total_iters=10, ratio=0.5))
+    for phase, consumed in (("superposition", 4), ("recovery", 0)):
+        in_process = list(data.micro_batches(phase, consumed, 2, data_parallel_rank=1, data_parallel_size=2))
+        workers = list(data.micro_batches(phase, consumed, 2, data_parallel_rank=1, data_parallel_size=2,
+                                          num_workers=2))
+        assert len(in_process) == len(workers) > 1
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                   for a, b in zip(in_process, workers))

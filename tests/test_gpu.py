@@ -221,3 +221,30 @@ def test_transformer_engine_spec_and_fp8_steps_through_pretrain(corpus, tmp_path
 
     parallel.shutdown()
     assert result["iteration"] == 8 and all(map(lambda x: x == x and abs(x) < 100, result["history"]))
+
+
+# ---- Megatron-LM drop-in on one GPU: --fp16, --rampup-batch-size, --num-workers, --profile (issue 21) ----
+
+def test_fp16_ramp_workers_and_profile_on_mock_data_on_one_gpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    save = str(tmp_path / "run")
+    argv = [sys.executable, "-m", "megatron_tst.pretrain", "--model-preset", "tiny", "--vocab-size", "512",
+            "--tokenizer-type", "NullTokenizer", "--mock-data", "--seq-length", "64", "--micro-batch-size", "4",
+            "--global-batch-size", "16", "--train-samples", "320", "--rampup-batch-size", "4", "4", "64",
+            "--lr", "1e-3", "--log-interval", "1", "--fp16", "--initial-loss-scale", "4096", "--num-workers", "2",
+            "--tst-bag-size", "4", "--tst-ratio", "0.5", "--profile", "--profile-step-start", "2",
+            "--profile-step-end", "4", "--save", save]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(os.path.join(save, "metrics.jsonl")) as handle:
+        rows = [row for row in map(json.loads, handle) if "loss" in row]
+    assert {row["phase"] for row in rows} == {"superposition", "recovery"}
+    assert all(row["loss"] == row["loss"] and abs(row["loss"]) < 100 for row in rows)  # finite
+    assert any(row["grad_norm"] is not None for row in rows)  # the scale came down to one that fits fp16
+    traces = [name for name in os.listdir(os.path.join(save, "profile")) if name.endswith(".pt.trace.json")]
+    assert len(traces) == 1
+    with open(os.path.join(save, "profile", traces[0])) as handle:
+        events = json.load(handle)["traceEvents"]
+    assert sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}) == \
+        ["ProfilerStep#2", "ProfilerStep#3"]
+    assert any(e.get("cat") == "kernel" for e in events)  # CUDA kernels recorded

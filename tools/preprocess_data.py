@@ -170,7 +170,8 @@ def load_for(args):
     # one worker runs chunks on one thread per core itself (see threaded_map); workers share the cores
     threads = 1 if args.workers == 1 else max(1, available_cores() // args.workers)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
-    return load_tokenizer(args.tokenizer_type, args.tokenizer_model, threads=threads)
+    return load_tokenizer(args.tokenizer_type, args.tokenizer_model, threads=threads, vocab_file=args.vocab_file,
+                          merge_file=args.merge_file)
 
 
 def output_paths(prefix: str, key: str) -> tuple[str, str]:
@@ -277,10 +278,12 @@ def main(argv=None) -> int:
     group.add_argument("--overwrite", action="store_true", help="replace existing output")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True,
-                       choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPTSentencePieceTokenizer",
-                                "Llama2Tokenizer"))
-    group.add_argument("--tokenizer-model", required=True,
+                       choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                                "GPTSentencePieceTokenizer", "Llama2Tokenizer"))
+    group.add_argument("--tokenizer-model",
                        help="a SentencePiece .model; for HuggingFaceTokenizer a folder or a tokenizer.json")
+    group.add_argument("--vocab-file", help="GPT2BPETokenizer: GPT-2's vocab.json")
+    group.add_argument("--merge-file", help="GPT2BPETokenizer: GPT-2's merges.txt")
     group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1; all cores "

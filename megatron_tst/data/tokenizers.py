@@ -13,6 +13,11 @@ dtype) are the same. Two shortcuts give the same ids faster and without importin
 
 ``tests/test_tools.py`` checks both against megatron-core's own tokenizers.
 
+``GPT2BPETokenizer`` (--vocab-file, --merge-file) is Megatron-LM's own, as its training builds it
+(core_v0.16.1's ``megatron/training/tokenizer``: GPT-2's byte-level BPE over the two files, vocabulary
+size the vocab.json's entries, EOD ``<|endoftext|>``); we run the same BPE in the ``tokenizers``
+package, offline (megatron-core's ``build_tokenizer`` would fetch GPT-2's config from the model hub).
+
 ``HuggingFaceTokenizer`` takes a folder (loaded with transformers' ``AutoTokenizer``, as Megatron-LM
 does) or a ``tokenizer.json`` file (loaded with the ``tokenizers`` package alone; its EOD is the
 ``eos_token`` of a ``tokenizer_config.json`` beside it, else a usual end-of-text token).
@@ -25,7 +30,7 @@ import os
 import warnings
 from types import SimpleNamespace
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 # megatron-core's build_tokenizer treats these exactly as SentencePieceTokenizer
 SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
 # EOD candidates for a bare tokenizer.json without a tokenizer_config.json, in order
@@ -103,6 +108,40 @@ class _TokenizerJson:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+class _GPT2BPE:
+    """Megatron-LM's GPT2BPETokenizer (GPT-2's byte-level BPE, no special tokens in text) in ``tokenizers``."""
+
+    def __init__(self, vocab_file: str, merge_file: str, threads: int = 1):
+        try:
+            from tokenizers import Tokenizer as RustTokenizer, decoders, pre_tokenizers
+            from tokenizers.models import BPE
+        except ImportError:
+            raise ValueError("GPT2BPETokenizer needs the tokenizers package: pip install tokenizers") from None
+        try:
+            with open(vocab_file, encoding="utf-8") as handle:
+                encoder = json.load(handle)
+            self._tokenizer = RustTokenizer(BPE.from_file(vocab_file, merge_file))
+        except Exception as error:  # json's or the Rust side's own exception types
+            raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file} are not a GPT-2 BPE pair "
+                             f"({str(error).splitlines()[0]})") from None
+        if "<|endoftext|>" not in encoder:
+            raise ValueError(f"--vocab-file {vocab_file} has no <|endoftext|> token (GPT2BPETokenizer's EOD)")
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex split
+        self._tokenizer.decoder = decoders.ByteLevel()
+        self.threads = threads
+        self.vocab_size = len(encoder)
+        self.eod = encoder["<|endoftext|>"]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 class Tokenizer:
     """vocab_size, eod, tokenize, tokenize_batch, detokenize over megatron-core's tokenizer."""
 
@@ -150,13 +189,22 @@ class Tokenizer:
 
 
 def load_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None,
-                   threads: int = 1):
+                   threads: int = 1, vocab_file: str | None = None, merge_file: str | None = None):
     """The tokenizer Megatron-LM's tools would build; ``threads`` for batched SentencePiece."""
     if tokenizer_type in SENTENCEPIECE_ALIASES:
         tokenizer_type = "SentencePieceTokenizer"
     if tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of "
                          f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}")
+    if (vocab_file or merge_file) and tokenizer_type != "GPT2BPETokenizer":
+        raise ValueError("--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer; give it, or drop them")
+    if tokenizer_type == "GPT2BPETokenizer":
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path:
+                raise ValueError(f"GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and merges.txt)")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path} not found")
+        return _GPT2BPE(vocab_file, merge_file, threads)
     if tokenizer_type != "NullTokenizer":
         if not tokenizer_model:
             raise ValueError(f"{tokenizer_type} needs --tokenizer-model")

@@ -43,6 +43,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from megatron_tst.data import mock
 from megatron_tst.tst.fold import IGNORE_INDEX, fold_sample
 from megatron_tst.tst.plan import RECOVERY, SUPERPOSITION, TSTPlan
 
@@ -66,6 +67,8 @@ class DataConfig:
     eod_mask_loss: bool = False
     allow_repetition: bool = False
     cache_dir: str | None = None  # None: Megatron's default, a cache/ folder beside each dataset
+    batch_sizes: Sequence[int] | None = None  # per step, with --rampup-batch-size (else global_batch_size each)
+    mock: bool = False  # --mock-data: megatron-core's synthetic documents instead of data_path (data/mock.py)
 
 
 class _TokenizerInfo:
@@ -85,7 +88,7 @@ class _SelfRepairingGPTDataset(GPTDataset):
     _INDEX_FILES = ("document_index", "sample_index", "shuffle_index")
 
     def _build_document_sample_shuffle_indices(self):
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if not self.config.mock and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             self._drop_truncated_cache()
         return super()._build_document_sample_shuffle_indices()
 
@@ -141,13 +144,16 @@ class TSTData:
         self.phase_names = [name for name, _ in _phases(plan, total_iters)]
         self.samples = {}
         self.sample_length = {}
+        first = 0
         for name, steps in _phases(plan, total_iters):
-            self.samples[name] = steps * config.global_batch_size
+            sizes = (config.batch_sizes[first:first + steps] if config.batch_sizes
+                     else [config.global_batch_size] * steps)
+            self.samples[name], first = sum(sizes), first + steps
             bag = plan.bag_size if (name == SUPERPOSITION and plan.mode != "output-only") else 1
             self.sample_length[name] = bag * config.seq_length + 1
         self.report_rows = []
         self._cache_probes = []
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and not config.mock:  # mock data: nothing cached, nothing shared
             self._construct_on_every_rank()
         else:
             self._construct()
@@ -155,9 +161,9 @@ class TSTData:
     # -- construction -------------------------------------------------------------------------
 
     def _construct(self):
-        prefixes, weights = self._blend()
+        prefixes, weights = ([mock.PREFIX], [1.0]) if self.config.mock else self._blend()
         split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.config.split))
-        self._blend_spec = (prefixes, weights)
+        self._blend_spec = None if self.config.mock else (prefixes, weights)  # None: megatron-core's mock config
         self._dataset_config = {
             name: self._gpt_config(self.sample_length[name] - 1) for name in self.phase_names
         }
@@ -231,7 +237,7 @@ class TSTData:
             sequence_length=sequence_length,
             blend=self._blend_spec,  # also tells megatron-core these are real (cacheable) datasets
             split=self.config.split,
-            path_to_cache=self.config.cache_dir,
+            path_to_cache=None if self.config.mock else self.config.cache_dir,
             tokenizer=_TokenizerInfo(self.config.vocab_size, self.config.eod),
             reset_position_ids=False,
             reset_attention_mask=False,
@@ -242,11 +248,15 @@ class TSTData:
     def _build(self, prefixes, weights, split_matrix):
         per_phase = {name: [] for name in self.phase_names}
         valid = []
-        indexed_datasets = [IndexedDataset(prefix, multimodal=False, mmap=True) for prefix in prefixes]
-        for prefix, indexed in zip(prefixes, indexed_datasets):  # all refusals before any cache is written
-            self._check_token_ids(prefix, indexed)
-        self._before_caching(prefixes)
+        if self.config.mock:
+            indexed_datasets = [mock.low_level_dataset(_TokenizerInfo(self.config.vocab_size, self.config.eod))]
+        else:
+            indexed_datasets = [IndexedDataset(prefix, multimodal=False, mmap=True) for prefix in prefixes]
+            for prefix, indexed in zip(prefixes, indexed_datasets):  # all refusals before any cache is written
+                self._check_token_ids(prefix, indexed)
+            self._before_caching(prefixes)
         for index, (prefix, weight, indexed) in enumerate(zip(prefixes, weights, indexed_datasets)):
+            path = None if self.config.mock else prefix
             documents = indexed.sequence_lengths.shape[0]
             train_range, valid_range = split_matrix[0], split_matrix[1]
             train_docs = np.arange(round(train_range[0] * documents), round(train_range[1] * documents),
@@ -256,12 +266,12 @@ class TSTData:
             for name, docs in self._cut(indexed, train_docs, requests, index).items():
                 self._check_size(prefix, name, indexed, docs, requests[name])
                 per_phase[name].append(PhaseDocumentsDataset(
-                    indexed, prefix, docs, requests[name], Split.train, self._dataset_config[name]))
+                    indexed, path, docs, requests[name], Split.train, self._dataset_config[name]))
             if valid_range is not None:
                 valid_docs = np.arange(round(valid_range[0] * documents), round(valid_range[1] * documents),
                                        dtype=np.int32)
                 if len(valid_docs):
-                    valid.append(_SelfRepairingGPTDataset(indexed, prefix, valid_docs, None, Split.valid,
+                    valid.append(_SelfRepairingGPTDataset(indexed, path, valid_docs, None, Split.valid,
                                                           self._valid_config))
         self.train = {name: self._blended(per_phase[name], weights, self.samples[name])
                       for name in self.phase_names}
@@ -305,7 +315,7 @@ class TSTData:
         self.report_rows.append(dict(dataset=prefix, phase=phase, documents=len(docs),
                                      tokens_available=available, tokens_planned=tokens_needed,
                                      samples=samples, epochs=epochs))
-        if epochs > 1 and not self.config.allow_repetition or available == 0:
+        if epochs > 1 and not (self.config.allow_repetition or self.config.mock) or available == 0:
             raise DataTooSmallError(
                 f"corpus too small for the planned run: the {phase} phase reads {tokens_needed:,} tokens "
                 f"({samples:,} samples of {self.sample_length[phase]}) from {prefix}, whose share of the "
@@ -332,20 +342,45 @@ class TSTData:
         return _model_sample(self.valid[index], None)
 
     def micro_batches(self, phase: str, consumed_samples: int, micro_batch_size: int,
-                      data_parallel_rank: int = 0, data_parallel_size: int = 1) -> Iterator[dict]:
+                      data_parallel_rank: int = 0, data_parallel_size: int = 1,
+                      num_workers: int = 0) -> Iterator[dict]:
         """Micro-batches of this data-parallel rank from ``consumed_samples`` on (global sample order
-        is independent of the parallel layout, as Megatron's pretraining sampler)."""
-        step = micro_batch_size * data_parallel_size
-        start = consumed_samples + data_parallel_rank * micro_batch_size
-        total = self.samples[phase]
-        while start + micro_batch_size <= total:
-            samples = [self.sample(phase, i) for i in range(start, start + micro_batch_size)]
-            yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-            start += step
+        is independent of the parallel layout, as Megatron's pretraining sampler). ``num_workers``
+        (--num-workers) > 0 reads them in a torch DataLoader's worker processes: the same batches."""
+        batches = _MicroBatchIndices(consumed_samples + data_parallel_rank * micro_batch_size, micro_batch_size,
+                                     micro_batch_size * data_parallel_size, self.samples[phase])
+        if num_workers == 0:
+            return (_stack([self.sample(phase, i) for i in batch]) for batch in batches)
+        return iter(torch.utils.data.DataLoader(
+            _PhaseSamples(self, phase), batch_sampler=batches, num_workers=num_workers, collate_fn=_stack,
+            pin_memory=torch.cuda.is_available()))  # as Megatron-LM's loader
 
     def report(self) -> list[dict]:
         """Per dataset and phase: documents, tokens available and planned, samples, epochs."""
         return list(self.report_rows)
+
+
+class _MicroBatchIndices:
+    """Sample indices of one rank's micro-batches: ``size`` from ``start``, every ``step``, below ``total``."""
+
+    def __init__(self, start: int, size: int, step: int, total: int):
+        self.start, self.size, self.step, self.total = start, size, step, total
+
+    def __iter__(self):
+        for start in range(self.start, self.total - self.size + 1, self.step):
+            yield list(range(start, start + self.size))
+
+
+class _PhaseSamples(torch.utils.data.Dataset):
+    def __init__(self, data: TSTData, phase: str):
+        self.data, self.phase = data, phase
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data.sample(self.phase, index)
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
 class _Failure:
@@ -411,15 +446,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.t
                     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int, eod: int) -> dict:
+def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int, eod: int,
+                       files: Sequence[str] = ()) -> dict:
     """What a checkpoint records of its tokenizer: type, vocabulary size, EOD and a digest of the
     tokenizer's files (a file, or the usual tokenizer files of a folder), not their path, so that
     moving a tokenizer is fine and swapping it for another of the same size is not."""
-    digest = None
+    digest, paths = None, [path for path in files if path]  # files: GPT2BPETokenizer's vocab and merges
     if tokenizer_model and os.path.exists(tokenizer_model):
         paths = [tokenizer_model] if os.path.isfile(tokenizer_model) else [
             os.path.join(tokenizer_model, name) for name in _TOKENIZER_FILES
             if os.path.isfile(os.path.join(tokenizer_model, name))]
+    if paths or (tokenizer_model and os.path.exists(tokenizer_model)):
         hasher = hashlib.md5(usedforsecurity=False)
         for path in paths:
             hasher.update(os.path.basename(path).encode())
