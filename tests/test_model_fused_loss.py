@@ -70,3 +70,31 @@ def test_fused_output_layer_trains_like_the_unfused_one(single_rank, untied, ste
         labels = torch.randint(0, arch.vocab_size, (BATCH, LATENT))
         assert torch.equal(fused(tokens, positions, None, labels=labels),
                            fused.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous()))
+
+
+@pytest.mark.parametrize("untied", [True, False])
+def test_weight_gradient_lands_in_main_grad_under_megatron_ddp(single_rank, untied):
+    """Under megatron-core's DDP (overlap_grad_reduce: its hook needs a .grad) the fused layer adds
+    the output weight's gradient straight into main_grad and marks grad_added_to_main_grad; every
+    main_grad equals the unfused model's (fp32, tight). Tied: the table's main_grad holds both uses."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    arch = dataclasses.replace(preset("tiny"), untie_embeddings_and_output_weights=untied)
+    raw = torch.randint(0, arch.vocab_size, (BATCH, BAG * LATENT + 1), generator=torch.Generator().manual_seed(3))
+    tokens, labels = split_sample(raw, BAG)
+    labels[0, 3] = -100
+    positions = torch.arange(LATENT).unsqueeze(0).expand(BATCH, LATENT)
+    grads = []
+    for fused in (False, True):
+        model = _model(arch, fused)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True), model)
+        ddp.zero_grad_buffer()
+        loss = ddp(tokens, positions, None, labels=labels).sum() / num_valid_targets(labels)
+        loss.backward()
+        ddp.finish_grad_sync()
+        output_weight = model.shared_embedding_or_output_weight() if not untied else model.output_layer.weight
+        assert output_weight.grad_added_to_main_grad is fused and output_weight.grad is None
+        grads.append({name: p.main_grad.clone() for name, p in model.named_parameters()})
+    for name, plain in grads[0].items():
+        assert (grads[1][name] - plain).abs().max() <= 1e-5 * plain.abs().max(), name
