@@ -98,3 +98,35 @@ def test_weight_gradient_lands_in_main_grad_under_megatron_ddp(single_rank, unti
         grads.append({name: p.main_grad.clone() for name, p in model.named_parameters()})
     for name, plain in grads[0].items():
         assert (grads[1][name] - plain).abs().max() <= 1e-5 * plain.abs().max(), name
+
+
+def test_next_token_loss_through_the_single_kernel_equals_megatron_core(single_rank, monkeypatch):
+    """Where NEXT_TOKEN_SINGLE_KERNEL routes next-token labels (b, L) to single_kernel_mce (CUDA;
+    forced here on CPU): losses at valid positions and logit gradients equal megatron-core's
+    vocab_parallel_cross_entropy (fp32, |z| up to ~60); --cross-entropy-loss-fusion still gets
+    megatron-core's fused CE (its lse, not 0, at an ignored position tells them apart)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_tst.tst import loss_kernels
+
+    arch = preset("tiny")
+    model = _model(arch, False)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(LATENT, BATCH, model.vocab_size, generator=generator) * 20
+    labels = torch.randint(0, arch.vocab_size, (BATCH, LATENT), generator=generator)
+    labels[1, 5] = -100
+    valid = labels >= 0
+    for routed in (True, False):
+        monkeypatch.setitem(loss_kernels.NEXT_TOKEN_SINGLE_KERNEL, "cpu", routed)
+        ours = logits.clone().requires_grad_()
+        (model.compute_language_model_loss(labels, ours * 1.0) * valid).sum().backward()  # * 1.0: a non-leaf, as the output layer's
+        reference = logits.clone().requires_grad_()
+        expected = GPTModel.compute_language_model_loss(model, labels, reference * 1.0)
+        (expected * valid).sum().backward()
+        loss = model.compute_language_model_loss(labels, logits.clone())
+        assert bool(loss[1, 5] == 0) is routed
+        assert torch.allclose(loss[valid], expected[valid], rtol=1e-6, atol=0)
+        # fp32: the single kernel's exp(z - lse) carries lse's rounding (|lse| ~ 60: ~4e-6)
+        assert (ours.grad - reference.grad).abs().max() <= 1e-5 * reference.grad.abs().max()
+    model.config.cross_entropy_loss_fusion = True  # megatron-core's fused CE, routed or not
+    assert model.compute_language_model_loss(labels, logits.clone())[1, 5] > 0
