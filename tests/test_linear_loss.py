@@ -157,3 +157,21 @@ def test_weight_gradient_from_the_forward_unless_the_upstream_gradient_varies(mo
     with torch.no_grad():  # no gradient wanted: the forward computes none, the loss is the same
         assert torch.allclose(fused_linear_mce(hidden, weight, folded, weights),
                               fused_vocab_parallel_mce(hidden @ weight.t(), folded, weights), rtol=1e-12)
+
+
+def test_main_grad_filled_in_the_forward_is_corrected_for_any_upstream_gradient():
+    """main_grad_in_forward: main_grad (already holding a gradient) takes the forward's weight
+    gradient at upstream 1; backward adds (g - 1) times it where g is not 1 (fp64, exact)."""
+    _, _, bags = extreme_inputs(6, vocab=VOCAB)
+    folded = bags.transpose(0, 1).contiguous()
+    weights = mce_target_weights(folded, "exp").double()
+    hidden, weight = _layer(bags.shape[0], bags.shape[1])
+    weighted = (weights.sum(-1) > 0).double()
+    for upstream in (weighted, 3.0 * weighted, weighted * torch.linspace(1, 2, weighted.numel()).view(weighted.shape)):
+        ref_w = weight.clone().requires_grad_()
+        fused_vocab_parallel_mce(hidden @ ref_w.t(), folded, weights).backward(upstream)
+        w = weight.clone().requires_grad_()
+        w.main_grad = torch.full_like(weight, 0.5)
+        fused_linear_mce(hidden, w, folded, weights, block_rows=5, main_grad_in_forward=True).backward(upstream)
+        assert w.grad is None  # no grad_added_to_main_grad attribute: no dummy, as megatron-core
+        assert (w.main_grad - 0.5 - ref_w.grad).abs().max() <= 1e-12 * ref_w.grad.abs().max()

@@ -72,11 +72,13 @@ def test_fused_output_layer_trains_like_the_unfused_one(single_rank, untied, ste
                            fused.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous()))
 
 
-@pytest.mark.parametrize("untied", [True, False])
-def test_weight_gradient_lands_in_main_grad_under_megatron_ddp(single_rank, untied):
+@pytest.mark.parametrize("untied,per_token", [(True, True), (False, True), (True, False)])
+def test_weight_gradient_lands_in_main_grad_under_megatron_ddp(single_rank, untied, per_token):
     """Under megatron-core's DDP (overlap_grad_reduce: its hook needs a .grad) the fused layer adds
-    the output weight's gradient straight into main_grad and marks grad_added_to_main_grad; every
-    main_grad equals the unfused model's (fp32, tight). Tied: the table's main_grad holds both uses."""
+    the output weight's gradient straight into main_grad (during the forward with
+    calculate_per_token_loss, the loss a plain sum; after it otherwise, the loss a mean) and marks
+    grad_added_to_main_grad; every main_grad equals the unfused model's (fp32, tight). Tied: the
+    table's main_grad holds both uses."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     arch = dataclasses.replace(preset("tiny"), untie_embeddings_and_output_weights=untied)
@@ -87,11 +89,12 @@ def test_weight_gradient_lands_in_main_grad_under_megatron_ddp(single_rank, unti
     grads = []
     for fused in (False, True):
         model = _model(arch, fused)
+        model.config.calculate_per_token_loss = per_token
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True), model)
         ddp.zero_grad_buffer()
-        loss = ddp(tokens, positions, None, labels=labels).sum() / num_valid_targets(labels)
-        loss.backward()
+        loss = ddp(tokens, positions, None, labels=labels).sum()
+        (loss if per_token else loss / num_valid_targets(labels)).backward()
         ddp.finish_grad_sync()
         output_weight = model.shared_embedding_or_output_weight() if not untied else model.output_layer.weight
         assert output_weight.grad_added_to_main_grad is fused and output_weight.grad is None

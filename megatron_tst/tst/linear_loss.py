@@ -72,7 +72,7 @@ class _LinearMCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, target_weights, tp_group, block_rows, vocab_tile, compile,
-                accumulate_main_grad):
+                accumulate_main_grad, main_grad_in_forward, with_grad):
         rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
         vocab = weight.shape[0]
         h2d = hidden.reshape(-1, hidden.shape[-1])
@@ -81,13 +81,18 @@ class _LinearMCE(torch.autograd.Function):
         local_targets, off_shard = shard_targets(targets2d, rank * vocab, vocab)
         work = _work_dtype(hidden.dtype)
         rows = h2d.shape[0]
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.empty(rows, dtype=work, device=hidden.device)
         lse, total = torch.empty_like(loss), torch.empty_like(loss)
         local_shares = torch.empty(targets2d.shape, dtype=work, device=hidden.device)
+        main_grad = weight.main_grad if with_grad and accumulate_main_grad and hasattr(weight, "main_grad") else None
+        # an fp32 main_grad can take the forward's weight gradient directly (no V x H buffer), at
+        # upstream gradient 1: what megatron's schedule gives with calculate_per_token_loss (bf16
+        # and fp32: no loss scale); backward adds (g - 1) times it for any other g (exact, but
+        # rounding grows as 1/g for g << 1: hence only where the caller expects 1)
+        direct = main_grad_in_forward and main_grad is not None and main_grad.dtype == work
         if with_grad:
             grad_hidden = torch.empty(h2d.shape, dtype=work, device=hidden.device)
-            grad_weight = torch.zeros(weight.shape, dtype=work, device=weight.device)
+            grad_weight = main_grad if direct else torch.zeros(weight.shape, dtype=work, device=weight.device)
         for start, end in _blocks(rows, block_rows):
             logits = torch.matmul(h2d[start:end], weight.t())  # the output layer's GEMM, one block
             row_max, sum_exp = _block_stats(logits, compile)
@@ -107,10 +112,10 @@ class _LinearMCE(torch.autograd.Function):
             del logits, grad_logits
         if with_grad:
             ctx.save_for_backward(hidden, weight, lse, total, local_targets, local_shares)
-            ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
+            ctx.grad_hidden, ctx.grad_weight = grad_hidden, None if direct else grad_weight
             ctx.block_rows, ctx.vocab_tile, ctx.compile = block_rows, vocab_tile, compile
             # megatron-core's ColumnParallelLinear keeps main_grad in ctx too (not saved: shared weights)
-            ctx.main_grad = weight.main_grad if accumulate_main_grad and hasattr(weight, "main_grad") else None
+            ctx.main_grad, ctx.direct = main_grad, direct
         return loss.reshape(hidden.shape[:-1])
 
     @staticmethod
@@ -125,15 +130,21 @@ class _LinearMCE(torch.autograd.Function):
         high = torch.where(weighted, upstream, -torch.inf).amax()
         low = torch.where(weighted, upstream, torch.inf).amin()
         high, low = torch.stack([high, low]).tolist()
+        grad_hidden = grad_hidden.to(hidden.dtype).reshape(hidden.shape)
+        if ctx.direct:  # main_grad holds the gradient at upstream 1: add (g - 1) times it if g is not 1
+            if not (high == low == 1.0 or high == -torch.inf):
+                ctx.main_grad.add_(_recomputed_weight_grad(hidden, weight, lse, (upstream - 1.0) * total,
+                                                           local_targets, local_shares, ctx.block_rows,
+                                                           ctx.vocab_tile, ctx.compile))
+            return grad_hidden, _into_main_grad(weight, ctx.main_grad, None), *(None,) * 9
         if high == low or high == -torch.inf:  # uniform (or no weighted position: G = 0)
             grad_weight.mul_(0.0 if high == -torch.inf else high)
         else:
             grad_weight = _recomputed_weight_grad(hidden, weight, lse, upstream * total, local_targets,
                                                   local_shares, ctx.block_rows, ctx.vocab_tile, ctx.compile)
-        grad_hidden = grad_hidden.to(hidden.dtype).reshape(hidden.shape)
         if ctx.main_grad is not None:
-            return grad_hidden, _into_main_grad(weight, ctx.main_grad, grad_weight), *(None,) * 7
-        return grad_hidden, grad_weight.to(weight.dtype), *(None,) * 7
+            return grad_hidden, _into_main_grad(weight, ctx.main_grad, grad_weight), *(None,) * 9
+        return grad_hidden, grad_weight.to(weight.dtype), *(None,) * 9
 
 
 def _block_stats(logits, compile):
@@ -180,7 +191,8 @@ def _into_main_grad(weight, main_grad, grad_weight):
     Communication): add into main_grad, mark ``grad_added_to_main_grad`` so DDP's hook does not add
     again, and hand autograd a dummy gradient (zeros where ``zero_out_wgrad`` asks for them: a tied
     embedding table, whose other use's gradient is added to it and then taken by DDP's hook)."""
-    main_grad.add_(grad_weight)
+    if grad_weight is not None:
+        main_grad.add_(grad_weight)
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     weight.grad_added_to_main_grad = True
@@ -189,7 +201,8 @@ def _into_main_grad(weight, main_grad, grad_weight):
 
 
 def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequence_parallel=False,
-                     block_rows=None, vocab_tile=None, compile=None, check_labels=False, accumulate_main_grad=True):
+                     block_rows=None, vocab_tile=None, compile=None, check_labels=False, accumulate_main_grad=True,
+                     main_grad_in_forward=False):
     """Per-position MCE of the column-parallel output layer ``hidden @ weight.T``, logits never stored.
 
     hidden [L(/tp with ``sequence_parallel``), b, H]; weight (V/tp, H), this rank's vocabulary
@@ -198,7 +211,11 @@ def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequ
     for fp64 inputs) losses [L, b]. ``block_rows``: positions per block (default: BLOCK_ELEMENTS
     logits per block); ``vocab_tile``: vocabulary rows per backward tile (default VOCAB_TILE);
     ``compile``: as ``single_kernel_mce``. ``accumulate_main_grad``: where the weight has a
-    ``main_grad`` (megatron-core's DDP), add its gradient there (see ``_into_main_grad``).
+    ``main_grad`` (megatron-core's DDP), add its gradient there (see ``_into_main_grad``); an fp32
+    main_grad receives it during the forward with ``main_grad_in_forward`` (for callers whose
+    upstream gradient is 1, megatron's ``calculate_per_token_loss``: no V x H buffer from forward to
+    backward), so such a forward with gradients on must be followed by its backward (as megatron's
+    schedule does; evaluation runs without gradients).
     """
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}; "
@@ -234,7 +251,8 @@ def fused_linear_mce(hidden, weight, labels, target_weights, tp_group=None, sequ
     if vocab_tile is None:
         vocab_tile = VOCAB_TILE.get(hidden.device.type, VOCAB_TILE["cpu"])
     return _LinearMCE.apply(hidden.contiguous(), weight, labels, target_weights, group, int(block_rows),
-                            int(vocab_tile), compile, accumulate_main_grad)
+                            int(vocab_tile), compile, accumulate_main_grad, main_grad_in_forward,
+                            torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
 
 
 class LossFusedColumnParallelLinear(ColumnParallelLinear):
@@ -255,4 +273,5 @@ class LossFusedColumnParallelLinear(ColumnParallelLinear):
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
         labels, target_weights = mce_targets
         return fused_linear_mce(input_, self.weight if weight is None else weight, labels, target_weights,
-                                tp_group=self.tp_group, sequence_parallel=self.sequence_parallel)
+                                tp_group=self.tp_group, sequence_parallel=self.sequence_parallel,
+                                main_grad_in_forward=self.config.calculate_per_token_loss)
