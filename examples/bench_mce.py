@@ -21,6 +21,10 @@ instead of logits (what a model's output layer + loss costs; grads of both):
   linear-mce       the output GEMM + fused_vocab_parallel_mce (today's TST path)
   linear-megatron  the output GEMM + megatron-core's vocab_parallel_cross_entropy (slot 0)
   linear-megatron-fused   the output GEMM + megatron-core's fused CE (slot 0)
+With --main-grad the output weight carries an fp32 ``main_grad`` (allocated with the inputs), as
+under megatron-core's DDP: the fused layer adds its weight gradient there during the forward
+(``main_grad_in_forward``, the upstream gradient being 1 here); the unfused methods still get a
+.grad (megatron-core's fused accumulation needs Apex's CUDA extension).
 
 The s targets of position j are the next bag of a random token stream, folded as in training
 (``fold_labels``: the last position has s-1 ignored targets); the one-target CEs take slot 0.
@@ -96,9 +100,15 @@ def make_linear_inputs(positions: int, vocab: int, bag: int, hidden: int, dtype:
     return (states.to(device), weight.to(device)), flat_labels.to(device), bags.to(device)
 
 
+MAIN_GRAD = False  # --main-grad
+
+
 def fresh(base):
     if isinstance(base, tuple):
-        return tuple(fresh(part) for part in base)
+        parts = tuple(fresh(part) for part in base)
+        if MAIN_GRAD:  # (states, weight): the weight's DDP gradient buffer
+            parts[1].main_grad = torch.zeros(parts[1].shape, dtype=torch.float32, device=parts[1].device)
+        return parts
     return base.detach().clone().requires_grad_()
 
 
@@ -134,7 +144,7 @@ def loss_of(method: str, logits: torch.Tensor, flat_labels: torch.Tensor, bags: 
             from megatron_tst.tst import fused_linear_mce
 
             return fused_linear_mce(states, weight, bags, mce_target_weights(bags),
-                                    compile=method == "linear-fused-compiled").sum()
+                                    compile=method == "linear-fused-compiled", main_grad_in_forward=MAIN_GRAD).sum()
         inner = {"linear-mce": "fused", "linear-megatron": "megatron", "linear-megatron-fused": "megatron-fused"}
         if method in inner:
             return loss_of(inner[method], states @ weight.t(), flat_labels, bags)
@@ -223,7 +233,8 @@ def memory_child(args) -> None:
 def memory_case(args, vocab, positions, bag) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--memory-child", "--vocab-one", str(vocab),
                "--positions-one", str(positions), "--bag-one", str(bag), "--dtype", args.dtype,
-               "--hidden", str(args.hidden), "--methods", *args.methods] + (["--linear"] if args.linear else [])
+               "--hidden", str(args.hidden), "--methods", *args.methods] + (["--linear"] if args.linear else []) \
+        + (["--main-grad"] if args.main_grad else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -296,6 +307,8 @@ def main():
     parser.add_argument("--linear", action="store_true",
                         help="output layer + loss: hidden states and an output weight in (the linear-* methods)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H with --linear")
+    parser.add_argument("--main-grad", action="store_true",
+                        help="with --linear: the output weight has an fp32 main_grad, as under megatron-core's DDP")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-memory", action="store_true", help="time only")
@@ -309,6 +322,10 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global MAIN_GRAD
+    MAIN_GRAD = args.main_grad
+    if args.main_grad and not args.linear:
+        parser.error("--main-grad goes with --linear")
     if args.memory_child:
         return memory_child(args)
     if args.methods is None:

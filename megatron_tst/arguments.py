@@ -133,8 +133,8 @@ class ModelOptions:
                                             "steps (torch.compile; TST phase 1 keeps its own MCE)", default=False)
     cross_entropy_fusion_impl: str = _help("native (megatron-core's torch.compile kernel) or te (Transformer "
                                            "Engine's)", default="native")
-    # Loss kernels (megatron_tst/tst/linear_loss.py). Off by default: on CPU it saves memory but costs
-    # 1.6-1.8x the time (BENCHMARKS.md); not measured on a GPU. With it a next-token run (no TST flags)
+    # Loss kernels (megatron_tst/tst/linear_loss.py). Off by default: on CPU it saves memory but is
+    # not faster than the unfused layer (BENCHMARKS.md); not measured on a GPU. With it a next-token run (no TST flags)
     # builds the TSTGPTModel too, whose state dict is a GPTModel's.
     output_layer_loss_fusion: bool = _help("fuse the output layer with the loss in the training forward: "
                                            "logits computed block by block and never stored", default=False)

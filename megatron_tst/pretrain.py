@@ -44,6 +44,7 @@ from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
 from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
+from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel
 
 
 class TrainingStopped(RuntimeError):
@@ -75,8 +76,10 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         chunks.append(build_gpt_model(
             arch, model_config,
             # without TST flags (baseline, recovery job) a plain GPTModel, unless the fused output
-            # layer + loss is asked for (TSTGPTModel has it; same state dict)
-            tst=plan is not None or config.model.output_layer_loss_fusion,
+            # layer + loss is asked for or the single-kernel CE beats megatron-core's on this device
+            # (TSTGPTModel has both; same state dict)
+            tst=plan is not None or config.model.output_layer_loss_fusion
+            or next_token_uses_single_kernel(device.current()),
             loss_weighting=plan.loss_weighting if plan else "uniform",
             output_layer_loss_fusion=config.model.output_layer_loss_fusion,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

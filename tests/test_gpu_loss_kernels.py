@@ -72,3 +72,26 @@ def test_fused_output_layer_peak_memory_at_v128256():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     assert peak <= 0.8 * 2**30, f"peak {peak / 2**30:.2f} GiB"
+
+
+def test_next_token_loss_on_cuda_is_the_compiled_single_kernel(single_rank):
+    """On CUDA next-token labels go through single_kernel_mce (compiled): losses at valid positions
+    and logit gradients equal megatron-core's vocab_parallel_cross_entropy (fp32)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_tst.models import build_gpt_model, preset, transformer_config
+
+    arch = preset("tiny")
+    model = build_gpt_model(arch, transformer_config(arch), tst=True).cuda()
+    logits = torch.randn(16, 2, model.vocab_size, device="cuda") * 20
+    labels = torch.randint(0, arch.vocab_size, (2, 16), device="cuda")
+    labels[1, 5] = -100
+    valid = labels >= 0
+    ours, reference = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = model.compute_language_model_loss(labels, ours * 1.0)
+    expected = GPTModel.compute_language_model_loss(model, labels, reference * 1.0)
+    (loss * valid).sum().backward()
+    (expected * valid).sum().backward()
+    assert loss[1, 5].item() == 0  # the single kernel's value at an ignored position (megatron-core: its lse)
+    assert torch.allclose(loss[valid], expected[valid], rtol=1e-6, atol=0)
+    assert (ours.grad - reference.grad).abs().max() <= 1e-5 * reference.grad.abs().max()

@@ -127,3 +127,51 @@ def test_tied_embedding_gets_the_gradient_of_both_uses():
 def test_bad_input_is_one_value_error(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_weight_gradient_from_the_forward_unless_the_upstream_gradient_varies(monkeypatch):
+    """Megatron's loss (sum(losses * mask) / tokens: one factor on every weighted position, 0 on
+    unweighted ones) takes the forward's weight gradient, scaled; an upstream gradient that varies
+    over weighted positions recomputes it. Both equal the unfused layer (fp64)."""
+    from megatron_tst.tst import linear_loss
+
+    _, _, bags = extreme_inputs(6, vocab=VOCAB)
+    folded = bags.transpose(0, 1).contiguous()
+    weights = mce_target_weights(folded, "power").double()
+    hidden, weight = _layer(bags.shape[0], bags.shape[1])
+    weighted = weights.sum(-1) > 0
+    assert not weighted.all()  # the position with every slot ignored
+    recomputed = []
+    real = linear_loss._recomputed_weight_grad
+    monkeypatch.setattr(linear_loss, "_recomputed_weight_grad", lambda *a: recomputed.append(1) or real(*a))
+    for upstream, recompute in ((weighted / 7.0, False), (torch.full(weighted.shape, 0.25), False),
+                                (weighted * torch.linspace(1, 2, weighted.numel()).view(weighted.shape), True)):
+        ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        fused_vocab_parallel_mce(ref_h @ ref_w.t(), folded, weights).backward(upstream.double())
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        recomputed.clear()
+        fused_linear_mce(h, w, folded, weights, block_rows=5, vocab_tile=16).backward(upstream.double())
+        assert bool(recomputed) is recompute
+        for ours, theirs in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
+            assert (ours - theirs).abs().max() <= 1e-12 * theirs.abs().max()
+    with torch.no_grad():  # no gradient wanted: the forward computes none, the loss is the same
+        assert torch.allclose(fused_linear_mce(hidden, weight, folded, weights),
+                              fused_vocab_parallel_mce(hidden @ weight.t(), folded, weights), rtol=1e-12)
+
+
+def test_main_grad_filled_in_the_forward_is_corrected_for_any_upstream_gradient():
+    """main_grad_in_forward: main_grad (already holding a gradient) takes the forward's weight
+    gradient at upstream 1; backward adds (g - 1) times it where g is not 1 (fp64, exact)."""
+    _, _, bags = extreme_inputs(6, vocab=VOCAB)
+    folded = bags.transpose(0, 1).contiguous()
+    weights = mce_target_weights(folded, "exp").double()
+    hidden, weight = _layer(bags.shape[0], bags.shape[1])
+    weighted = (weights.sum(-1) > 0).double()
+    for upstream in (weighted, 3.0 * weighted, weighted * torch.linspace(1, 2, weighted.numel()).view(weighted.shape)):
+        ref_w = weight.clone().requires_grad_()
+        fused_vocab_parallel_mce(hidden @ ref_w.t(), folded, weights).backward(upstream)
+        w = weight.clone().requires_grad_()
+        w.main_grad = torch.full_like(weight, 0.5)
+        fused_linear_mce(hidden, w, folded, weights, block_rows=5, main_grad_in_forward=True).backward(upstream)
+        assert w.grad is None  # no grad_added_to_main_grad attribute: no dummy, as megatron-core
+        assert (w.main_grad - 0.5 - ref_w.grad).abs().max() <= 1e-12 * ref_w.grad.abs().max()

@@ -179,6 +179,18 @@ class _SingleKernelMCE(torch.autograd.Function):
         return logits, None, None, None, None, None
 
 
+# next-token (s = 1) losses through single_kernel_mce instead of megatron-core's
+# vocab_parallel_cross_entropy, per device type, where it is the faster (BENCHMARKS.md, "CPU: the
+# loss kernels"): on CUDA compiled (Triton: one read of the logits, no fp32 copy); on CPU its eager
+# default only ties megatron-core's CE, so megatron-core's stays. --cross-entropy-loss-fusion
+# (megatron-core's fused CE) takes precedence wherever it is asked for.
+NEXT_TOKEN_SINGLE_KERNEL = {"cuda": True, "cpu": False}
+
+
+def next_token_uses_single_kernel(device: torch.device) -> bool:
+    return NEXT_TOKEN_SINGLE_KERNEL.get(device.type, False)
+
+
 def default_compile(device: torch.device) -> bool:
     """Compile on CUDA; on CPU the eager blocks (see the module docstring)."""
     return device.type == "cuda"

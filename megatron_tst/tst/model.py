@@ -1,7 +1,8 @@
 """TSTGPTModel: megatron-core's GPTModel that also trains on bags (phase 1 of TST).
 
 Inputs (b, L) or (b, L, s) go through ``TSTLanguageModelEmbedding``; labels (b, L) take
-megatron-core's own cross-entropy path unchanged, labels (b, L, s) the fused vocab-parallel MCE
+megatron-core's own cross-entropy path (or, where it is the faster, ``single_kernel_mce`` at s = 1:
+``loss_kernels.NEXT_TOKEN_SINGLE_KERNEL``), labels (b, L, s) the fused vocab-parallel MCE
 (``megatron_tst.tst.loss``), returning per-position losses (b, L); the training loss is their sum
 over the number of valid targets, ``num_valid_targets(labels)``. Ignored targets carry IGNORE_INDEX (fold a data loss mask into the labels with
 ``mask_labels``). The state dict is exactly a GPTModel's, so a phase-2 (next-token) model is a plain
@@ -23,6 +24,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron_tst.tst.embedding import TSTLanguageModelEmbedding
 from megatron_tst.tst.fold import IGNORE_INDEX
 from megatron_tst.tst.linear_loss import LossFusedColumnParallelLinear
+from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel, single_kernel_mce
 from megatron_tst.tst.loss import Weighting, bag_weights, fused_vocab_parallel_mce, mce_target_weights
 
 
@@ -80,7 +82,13 @@ class TSTGPTModel(GPTModel):
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if labels.dim() == 2:
-            return super().compute_language_model_loss(labels, logits)
+            if self.config.cross_entropy_loss_fusion or not next_token_uses_single_kernel(logits.device):
+                return super().compute_language_model_loss(labels, logits)
+            # megatron-core's CE where it is the faster; else the single kernel, s = 1 (0, not
+            # megatron-core's lse, at ignored positions: the loss masks them either way)
+            labels = labels.transpose(0, 1).unsqueeze(-1).contiguous()
+            loss = single_kernel_mce(logits, labels, (labels >= 0).float(), tp_group=self.pg_collection.tp)
+            return loss.transpose(0, 1).contiguous()
         if labels.dim() != 3:
             raise ValueError(f"labels must be (batch, L) or (batch, L, s); got shape {tuple(labels.shape)}")
         # logits are [L, b, V/tp]; labels [b, L, s] -> [L, b, s]
