@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_tst.logging_wandb import wandb_problem
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -296,12 +297,13 @@ class LoggingOptions:
     profile: bool = _refused("not supported yet; drop it", default=False)
     profile_step_start: int | None = _refused("not supported yet (see --profile); drop it", default=None)
     profile_step_end: int | None = _refused("not supported yet (see --profile); drop it", default=None)
-    wandb_project: str | None = _refused("Weights & Biases logging is not supported yet; use --tensorboard-dir",
-                                         default=None)
-    wandb_exp_name: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
-    wandb_save_dir: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
-    wandb_entity: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
-
+    # Weights & Biases as Megatron-LM (megatron_tst/logging_wandb.py; checked in environment_problems)
+    wandb_project: str | None = _help("log metrics.jsonl's records to this W&B project (the last rank logs; "
+                                      "needs pip install 'megatron_tst[wandb]')", default=None)
+    wandb_exp_name: str | None = _help("the W&B run's name (required with --wandb-project)", default=None)
+    wandb_save_dir: str | None = _help("W&B's local files and the run id (default <save>/wandb; the launcher "
+                                       "gives both phases <save>/wandb: one W&B run)", default=None)
+    wandb_entity: str | None = _help("W&B team or user", default=None)
 
 @dataclass
 class TSTOptions:
@@ -490,6 +492,9 @@ def environment_problems(config: PretrainConfig) -> list[str]:
         check_attention_backend(config)
     except ValueError as error:
         problems.append(str(error))
+    wandb = wandb_problem(config.logging, config.checkpoint.save)
+    if wandb:
+        problems.append(wandb)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     try:
         check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, orphan, parallel, preflight
+from megatron_tst import checkpointing, device, logging_wandb, orphan, parallel, preflight
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, lr_schedule, model_settings, overlap_settings, parse_args,
     resolved_transformer_impl, torch_fusion_settings,
@@ -348,7 +348,8 @@ def setup(config: PretrainConfig) -> Run:
     return Run(config=config, started=started, plan=plan, data_plan=plan, arch=arch, chunks=chunks, model_config=model_config,
                optimizer=optimizer, scheduler=scheduler,
                metrics=MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, enabled=is_logger,
-                                     throughput=config.logging.log_throughput),
+                                     throughput=config.logging.log_throughput,
+                                     wandb=logging_wandb.open_writer(config, is_logger)),
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
                dp_size=dp_size, data_files=dataset_files_identity(config.data.data_path),
@@ -440,6 +441,7 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
         if phase != iterator_phase:
             if plan is not None and phase != SUPERPOSITION and ckpt.exit_at_phase_switch:
                 run.save(run.iteration)
+                metrics.close()
                 return {"iteration": run.iteration, "stopped": "phase switch"}
             iterators = [data.micro_batches(phase, run.consumed.get(phase, 0), training.micro_batch_size,
                                             run.dp_rank, run.dp_size) for _ in run.chunks]

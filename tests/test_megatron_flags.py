@@ -4,6 +4,7 @@ builds Megatron-LM's GPT (LayerNorm, GeLU, learned positions, biases, tied) as m
 
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 
@@ -112,9 +113,10 @@ REFUSED = {
     "--decoupled-lr", "--decoupled-min-lr",
     "--mock-data", "--tiktoken-pattern", "--no-mmap-bin-files", "--num-workers", "--profile",
     "--profile-step-start", "--profile-step-end", "--rampup-batch-size", "--fp16",
-    "--vocab-file", "--merge-file", "--wandb-project", "--wandb-exp-name",
+    "--vocab-file", "--merge-file",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
+NEEDS_WANDB = set() if importlib.util.find_spec("wandb") else {"--wandb-project"}  # its package, not installed
 FP8_SETTINGS = {"--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"}
 
 
@@ -190,14 +192,15 @@ def test_megatron_lm_recipe_flags_are_honoured_or_refused_in_one_line(recipe, si
     assert all("\n" not in line and len(line) < 300 for line in refusals)
     refused = {leading_flag(line) for line in refusals}
     local = resolved_transformer_impl(config.model) == "local"
-    assert refused == flags & (REFUSED | (NEEDS_TE if local else set())), refusals
+    assert refused == flags & (REFUSED | NEEDS_WANDB | (NEEDS_TE if local else set())), refusals
     if refusals:  # the parser itself stops at the first, in one line
         with pytest.raises(ValueError) as error:
             check_environment(parse_args(recipe_argv(recipe)))
         assert str(error.value) in refusals
 
     # FP8's settings go with --fp8-format (their own check: they need it)
-    runnable = recipe_argv(recipe, drop=refused | (FP8_SETTINGS if "--fp8-format" in refused else set()))
+    runnable = recipe_argv(recipe, drop=refused | (FP8_SETTINGS if "--fp8-format" in refused else set())
+                           | ({"--wandb-exp-name"} if "--wandb-project" in refused else set()))
     for tst in ([], ["--tst-bag-size", "6", "--tst-ratio", "0.3"]):
         config = parse_args(runnable + tst)
         check_environment(config)
