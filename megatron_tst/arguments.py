@@ -100,7 +100,8 @@ class ModelOptions:
                                             default=False)
     transformer_impl: str | None = _help("local or transformer_engine (default: TE when usable)", default=None)
     fp8_format: str | None = _help("e4m3 or hybrid (Transformer Engine)", default=None)
-    fp8_recipe: str = _help("delayed, tensorwise, blockwise, mxfp8", default="delayed")
+    fp8_recipe: str | None = _help("with --fp8-format: delayed (the default), tensorwise, blockwise or mxfp8",
+                                   default=None)
     fp8_amax_history_len: int | None = _help("delayed scaling: amax history length (with --fp8-format)",
                                              default=None)
     fp8_amax_compute_algo: str | None = _help("delayed scaling: most_recent or max (with --fp8-format)",
@@ -497,7 +498,7 @@ def environment_problems(config: PretrainConfig) -> list[str]:
         problems.append(wandb)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     try:
-        check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+        check_fp8(model.fp8_format, model.fp8_recipe or "delayed", impl, capability)
     except ValueError as error:
         problems.append(str(error))
     return problems
@@ -586,7 +587,7 @@ def validate(config: PretrainConfig) -> None:
     if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
         raise ValueError(f"--cross-entropy-fusion-impl {model.cross_entropy_fusion_impl} is not one of "
                          f"{', '.join(CROSS_ENTROPY_FUSION_IMPLS)}")
-    if model.fp8_recipe not in FP8_RECIPES:
+    if model.fp8_recipe is not None and model.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"--fp8-recipe {model.fp8_recipe} is not one of {', '.join(FP8_RECIPES)}")
     if par.overlap_grad_reduce and par.no_overlap_grad_reduce:
         raise ValueError("--overlap-grad-reduce and --no-overlap-grad-reduce contradict each other; give one")
@@ -602,11 +603,7 @@ def validate(config: PretrainConfig) -> None:
             ("--ckpt-format", config.checkpoint.ckpt_format, ("torch_dist",))):
         if value is not None and value not in allowed:
             raise ValueError(f"{flag} {value} is not supported; use {' or '.join(allowed)}")
-    for flag, given in (("--fp8-amax-history-len", model.fp8_amax_history_len is not None),
-                        ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo is not None),
-                        ("--fp8-param-gather", model.fp8_param_gather)):
-        if given and model.fp8_format is None:
-            raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    check_fp8_settings(model, par)
     check_recompute(model)
     if model.rotary_percent is not None and not 0 < model.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must be in (0, 1], got {model.rotary_percent}")
@@ -651,6 +648,24 @@ def validate(config: PretrainConfig) -> None:
     if arch.num_layers % par.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers {arch.num_layers} does not divide into "
                          f"{par.pipeline_model_parallel_size} pipeline stages")
+
+
+def check_fp8_settings(model: ModelOptions, par: ParallelOptions) -> None:
+    """FP8 settings megatron-core would ignore, or Megatron-LM refuses, in one line."""
+    amax = (("--fp8-amax-history-len", model.fp8_amax_history_len is not None),
+            ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo is not None))
+    for flag, given in (("--fp8-recipe", model.fp8_recipe is not None), *amax,
+                        ("--fp8-param-gather", model.fp8_param_gather)):
+        if given and model.fp8_format is None:
+            raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    recipe = model.fp8_recipe or "delayed"
+    for flag, given in amax:  # only megatron-core's TEDelayedScaling reads them
+        if given and recipe != "delayed":
+            raise ValueError(f"{flag} is delayed scaling's amax history; --fp8-recipe {recipe} scales from each "
+                             f"tensor's current values and would ignore it: drop {flag} or use --fp8-recipe delayed")
+    if model.fp8_param_gather and not par.use_distributed_optimizer:
+        raise ValueError("--fp8-param-gather needs --use-distributed-optimizer (as Megatron-LM); give it, or drop "
+                         "--fp8-param-gather")
 
 
 def check_recompute(model: ModelOptions) -> None:

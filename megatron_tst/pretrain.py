@@ -61,7 +61,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         bf16=config.model.bf16,
         transformer_impl=resolved_transformer_impl(config.model),
         fp8_format=config.model.fp8_format,
-        fp8_recipe=config.model.fp8_recipe,
+        fp8_recipe=config.model.fp8_recipe or "delayed",
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
