@@ -281,6 +281,9 @@ class CheckpointOptions:
     exit_at_phase_switch: bool = _help("save and exit when TST phase 1 ends (the launcher's phase-1 job)",
                                        default=False)
     ckpt_format: str = _help("torch_dist (the only format)", default="torch_dist")
+    async_save: bool = _help("write checkpoints in a background process (megatron-core's async torch_dist "
+                             "writer): training goes on; each is renamed into place once written on every rank, "
+                             "at the latest before the next save and at exit", default=False)
     no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
     no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
     finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "

@@ -308,7 +308,7 @@ class Run:
                                          phase=self.data.phase_of(at_iteration)) if plan else None)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
-                                   self.run_config())
+                                   self.run_config(), async_save=self.config.checkpoint.async_save)
 
 
 def setup(config: PretrainConfig) -> Run:
@@ -427,6 +427,7 @@ def train(run: Run) -> dict:
     try:
         return train_loop(run, stop)
     finally:
+        checkpointing.finalize_async_saves()  # --async-save: the last checkpoint is published before exit
         if training.manual_gc:
             gc.enable()
 
@@ -474,6 +475,9 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
             return {"iteration": iteration, "stopped": stop_reason, "history": metrics.history}
         if ckpt.save_interval and iteration % ckpt.save_interval == 0:
             run.save(iteration)
+        if ckpt.async_save:  # publish a finished background save (a small all-reduce when one is in flight)
+            checkpointing.finalize_async_saves(blocking=False)
+    checkpointing.finalize_async_saves()
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) != run.iteration:
         run.save(run.iteration)
     metrics.close()
