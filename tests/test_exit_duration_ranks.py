@@ -1,6 +1,7 @@
 """--exit-duration-in-mins across ranks (gloo, DP=2): the rank whose clock runs out decides for all
 (an all-reduce of the decision, as Megatron-LM), every rank saves and stops after the same step,
-and the same command resumes bit-identically."""
+and the same command resumes bit-identically; its checkpoints written with --async-save on both
+ranks."""
 
 import json
 import os
@@ -16,7 +17,8 @@ def exit_duration_worker(rank, world_size, common, whole, stopped):
     pretrain(parse_args(common + ["--save", whole]))
     stops = []
     for _ in range(3):  # the same command, three times
-        run = setup(parse_args(common + ["--save", stopped, "--exit-duration-in-mins", "1e-9"]))
+        # --async-save too: two ranks' background writers, finalised together before the exit
+        run = setup(parse_args(common + ["--save", stopped, "--exit-duration-in-mins", "1e-9", "--async-save"]))
         if rank == 1:  # this rank's clock is far from the budget: only rank 0's runs out
             run.started += 3600
         resume(run)
