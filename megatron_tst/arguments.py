@@ -309,6 +309,7 @@ class LoggingOptions:
                                        "gives both phases <save>/wandb: one W&B run)", default=None)
     wandb_entity: str | None = _help("W&B team or user", default=None)
 
+
 @dataclass
 class TSTOptions:
     tst_bag_size: int | None = _help("bag size s; leave out for a baseline run", default=None)
