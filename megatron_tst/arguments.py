@@ -284,6 +284,9 @@ class CheckpointOptions:
     async_save: bool = _help("write checkpoints in a background process (megatron-core's async torch_dist "
                              "writer): training goes on; each is renamed into place once written on every rank, "
                              "at the latest before the next save and at exit", default=False)
+    use_persistent_ckpt_worker: bool = _no_op("--async-save forks a writer per save (megatron-core's "
+                                              "TemporalAsyncCaller); the persistent worker needs CUDA in its "
+                                              "spawned process", default=False)
     no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
     no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
     finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "

@@ -5,6 +5,7 @@ finalised, holds what a synchronous save writes, and a run resumed from it is bi
 import json
 import os
 
+import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -62,3 +63,14 @@ def test_async_save_returns_early_writes_what_a_sync_save_writes_and_resumes_ide
     assert sorted(name for name in os.listdir(resumed) if name.startswith("iter_")) == [
         f"iter_{i:07d}" for i in range(1, 5)]  # no temporary folder left
     assert losses(resumed) == losses(whole) and len(losses(whole)) == 4  # dropout on: RNG resumed too
+
+
+def test_megatron_lm_async_save_flags_parse_and_help_says_what_they_do(capsys):
+    # Megatron-LM 0.16.1 keeps --async-save only with --use-persistent-ckpt-worker: its scripts pass both
+    config = parse_args(["--model-preset", "tiny", "--seq-length", "32", "--async-save",
+                         "--use-persistent-ckpt-worker"])
+    assert config.checkpoint.async_save
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--use-persistent-ckpt-worker accepted, no effect: --async-save forks a writer per save" in text
