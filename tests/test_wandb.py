@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch.distributed as dist
@@ -108,7 +109,9 @@ def test_the_same_command_resumes_the_same_wandb_run(corpus, tmp_path, wandb_off
     save = str(tmp_path / "run")
     argv = args(corpus, save, "--wandb-project", "tst", "--wandb-exp-name", "tiny", "--eval-interval", "0",
                 "--seq-length", "16", iters=4, tst=False)
+    started = time.time()
     assert pretrain.main(argv + ["--exit-interval", "2"]) == 0
+    time.sleep(max(0.0, 1.1 - (time.time() - started)))  # W&B names offline folders by the second they start
     assert pretrain.main(argv) == 0
     runs = logged_steps(save)
     assert len(runs) == 2 and runs[0][0] == runs[1][0]
