@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_tst import profiling
+from megatron_tst.logging_wandb import wandb_problem
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -100,7 +101,8 @@ class ModelOptions:
                                             default=False)
     transformer_impl: str | None = _help("local or transformer_engine (default: TE when usable)", default=None)
     fp8_format: str | None = _help("e4m3 or hybrid (Transformer Engine)", default=None)
-    fp8_recipe: str = _help("delayed, tensorwise, blockwise, mxfp8", default="delayed")
+    fp8_recipe: str | None = _help("with --fp8-format: delayed (the default), tensorwise, blockwise or mxfp8",
+                                   default=None)
     fp8_amax_history_len: int | None = _help("delayed scaling: amax history length (with --fp8-format)",
                                              default=None)
     fp8_amax_compute_algo: str | None = _help("delayed scaling: most_recent or max (with --fp8-format)",
@@ -302,6 +304,12 @@ class CheckpointOptions:
     exit_at_phase_switch: bool = _help("save and exit when TST phase 1 ends (the launcher's phase-1 job)",
                                        default=False)
     ckpt_format: str = _help("torch_dist (the only format)", default="torch_dist")
+    async_save: bool = _help("write checkpoints in a background process (megatron-core's async torch_dist "
+                             "writer): training goes on; each is renamed into place once written on every rank, "
+                             "at the latest before the next save and at exit", default=False)
+    use_persistent_ckpt_worker: bool = _no_op("--async-save forks a writer per save (megatron-core's "
+                                              "TemporalAsyncCaller); the persistent worker needs CUDA in its "
+                                              "spawned process", default=False)
     no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
     no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
     finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "
@@ -324,11 +332,13 @@ class LoggingOptions:
     profile_ranks: list = _help("global ranks to profile (default 0)", default_factory=list)
     use_pytorch_profiler: bool = _help("accepted: --profile always writes a torch.profiler trace (and sets the "
                                        "nsys range on CUDA)", default=False)
-    wandb_project: str | None = _refused("Weights & Biases logging is not supported yet; use --tensorboard-dir",
-                                         default=None)
-    wandb_exp_name: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
-    wandb_save_dir: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
-    wandb_entity: str | None = _refused("Weights & Biases logging is not supported yet; drop it", default=None)
+    # Weights & Biases as Megatron-LM (megatron_tst/logging_wandb.py; checked in environment_problems)
+    wandb_project: str | None = _help("log metrics.jsonl's records to this W&B project (the last rank logs; "
+                                      "needs pip install 'megatron_tst[wandb]')", default=None)
+    wandb_exp_name: str | None = _help("the W&B run's name (required with --wandb-project)", default=None)
+    wandb_save_dir: str | None = _help("W&B's local files and the run id (default <save>/wandb; the launcher "
+                                       "gives both phases <save>/wandb: one W&B run)", default=None)
+    wandb_entity: str | None = _help("W&B team or user", default=None)
 
 
 @dataclass
@@ -542,9 +552,12 @@ def environment_problems(config: PretrainConfig) -> list[str]:
         check_attention_backend(config)
     except ValueError as error:
         problems.append(str(error))
+    wandb = wandb_problem(config.logging, config.checkpoint.save)
+    if wandb:
+        problems.append(wandb)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     try:
-        check_fp8(model.fp8_format, model.fp8_recipe, impl, capability)
+        check_fp8(model.fp8_format, model.fp8_recipe or "delayed", impl, capability)
     except ValueError as error:
         problems.append(str(error))
     return problems
@@ -656,7 +669,7 @@ def validate(config: PretrainConfig) -> None:
     if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_FUSION_IMPLS:
         raise ValueError(f"--cross-entropy-fusion-impl {model.cross_entropy_fusion_impl} is not one of "
                          f"{', '.join(CROSS_ENTROPY_FUSION_IMPLS)}")
-    if model.fp8_recipe not in FP8_RECIPES:
+    if model.fp8_recipe is not None and model.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"--fp8-recipe {model.fp8_recipe} is not one of {', '.join(FP8_RECIPES)}")
     if par.overlap_grad_reduce and par.no_overlap_grad_reduce:
         raise ValueError("--overlap-grad-reduce and --no-overlap-grad-reduce contradict each other; give one")
@@ -672,11 +685,7 @@ def validate(config: PretrainConfig) -> None:
             ("--ckpt-format", config.checkpoint.ckpt_format, ("torch_dist",))):
         if value is not None and value not in allowed:
             raise ValueError(f"{flag} {value} is not supported; use {' or '.join(allowed)}")
-    for flag, given in (("--fp8-amax-history-len", model.fp8_amax_history_len is not None),
-                        ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo is not None),
-                        ("--fp8-param-gather", model.fp8_param_gather)):
-        if given and model.fp8_format is None:
-            raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    check_fp8_settings(model, par)
     check_recompute(model)
     profiling.check(config.logging, config.checkpoint)
     if config.data.num_workers is not None and config.data.num_workers < 0:
@@ -775,6 +784,24 @@ def check_tokenizer_flags(data: DataOptions) -> None:
     if kind == "GPT2BPETokenizer" and data.tokenizer_model:
         raise ValueError("--tokenizer-model does not go with GPT2BPETokenizer (it reads --vocab-file and "
                          "--merge-file); drop it")
+
+
+def check_fp8_settings(model: ModelOptions, par: ParallelOptions) -> None:
+    """FP8 settings megatron-core would ignore, or Megatron-LM refuses, in one line."""
+    amax = (("--fp8-amax-history-len", model.fp8_amax_history_len is not None),
+            ("--fp8-amax-compute-algo", model.fp8_amax_compute_algo is not None))
+    for flag, given in (("--fp8-recipe", model.fp8_recipe is not None), *amax,
+                        ("--fp8-param-gather", model.fp8_param_gather)):
+        if given and model.fp8_format is None:
+            raise ValueError(f"{flag} needs --fp8-format; give it, or drop {flag}")
+    recipe = model.fp8_recipe or "delayed"
+    for flag, given in amax:  # only megatron-core's TEDelayedScaling reads them
+        if given and recipe != "delayed":
+            raise ValueError(f"{flag} is delayed scaling's amax history; --fp8-recipe {recipe} scales from each "
+                             f"tensor's current values and would ignore it: drop {flag} or use --fp8-recipe delayed")
+    if model.fp8_param_gather and not par.use_distributed_optimizer:
+        raise ValueError("--fp8-param-gather needs --use-distributed-optimizer (as Megatron-LM); give it, or drop "
+                         "--fp8-param-gather")
 
 
 def check_recompute(model: ModelOptions) -> None:

@@ -177,9 +177,40 @@ def _signal_proof_writer_queue() -> None:
         filesystem_async._results_queue = _writer_manager.Queue()
 
 
-def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: dict, run_config: dict) -> str:
+_async_queue = None  # megatron-core's AsyncCallsQueue, made by the first --async-save
+
+
+def finalize_async_saves(blocking: bool = True) -> None:
+    """Publish (rename into place) the asynchronous saves whose writers have finished on every
+    rank; ``blocking`` waits for them. Collective when a save is in flight: every rank calls it at
+    the same points (each step, each save, the end of training)."""
+    if _async_queue is not None and _async_queue.get_num_unfinalized_calls():
+        _async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _publish(root: str, iteration: int, partial: str, final: str) -> None:
+    """Every rank's files are written: rename ``partial`` to ``final``, then update the tracker."""
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):  # a re-save of the same iteration replaces it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as handle:
+            handle.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+
+
+def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: dict, run_config: dict,
+         async_save: bool = False) -> str:
     """Write checkpoint ``iteration`` under ``root``; ``common`` is small picklable state (data
-    position, TST state, ...). Collective: every rank calls it."""
+    position, TST state, ...). Collective: every rank calls it. With ``async_save`` (--async-save)
+    megatron-core's torch_dist writer runs in a forked process (a copy-on-write snapshot of the
+    state) and this returns once it has started; the checkpoint appears under its final name when
+    ``finalize_async_saves`` finds every rank's writer done (at the latest, before the next save)."""
+    global _async_queue
+    finalize_async_saves()  # one checkpoint in flight at a time, published in order
     final = checkpoint_dir(root, iteration)
     partial = final + ".tmp"
     if _rank() == 0:
@@ -193,7 +224,7 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["common"] = common
     _signal_proof_writer_queue()
-    dist_checkpointing.save(state, partial)
+    request = dist_checkpointing.save(state, partial, async_sharded_save=async_save)
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
     if _rank() == 0:
@@ -201,16 +232,15 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
         with open(os.path.join(partial, RUN_CONFIG), "w") as handle:
             json.dump({**run_config, "iteration": iteration, "world_size": world,
                        "framework_version": megatron_tst.__version__}, handle, indent=2, sort_keys=True)
-    _barrier()
-    if _rank() == 0:
-        if os.path.exists(final):  # a re-save of the same iteration replaces it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as handle:
-            handle.write(str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    _barrier()
+    if async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        request.add_finalize_fn(lambda: _publish(root, iteration, partial, final))
+        if _async_queue is None:
+            _async_queue = AsyncCallsQueue()
+        _async_queue.schedule_async_request(request)
+        return final
+    _publish(root, iteration, partial, final)
     return final
 
 

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
     root = config.checkpoint.save
     phase1, phase2 = os.path.join(root, SUPERPOSITION_DIR), os.path.join(root, RECOVERY_DIR)
-    common = without_flags(pretrain_argv, ("--save", "--load"))
+    common = without_flags(pretrain_argv, ("--save", "--load", "--wandb-save-dir")) + one_wandb_run(config, root)
     if checkpointing.latest_iteration(phase2) is None:
         if not superposition_finished(phase1, plan.switch_iter):
             phase1_argv = common + ["--save", phase1, "--exit-at-phase-switch"]
@@ -208,6 +208,18 @@ def main(argv=None) -> int:
         return 0
     code = run_job(launch, recovery_argv, f"phase 2: next-token recovery to iteration {plan.total_iters}")
     return export_hf(launch, code, phase2, plan.total_iters)
+
+
+def one_wandb_run(config, root: str) -> list[str]:
+    """With --wandb-project: both jobs log into one W&B run, whose id the launcher makes now and
+    keeps in their shared --wandb-save-dir (default <save>/wandb, not each phase's own <save>)."""
+    if not config.logging.wandb_project:
+        return []
+    from megatron_tst import logging_wandb
+
+    directory = logging_wandb.save_dir(config.logging, root)
+    logging_wandb.run_id(directory)
+    return ["--wandb-save-dir", directory]
 
 
 def recovery_plan_mismatch(phase2: str, plan) -> str | None:

@@ -42,8 +42,9 @@ def _logged_by(line: str, iteration: int) -> bool:
 
 class MetricsLogger:
     def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool = True,
-                 throughput: bool = False):
+                 throughput: bool = False, wandb=None):
         self.enabled = enabled
+        self.wandb = wandb  # logging_wandb.WandbWriter: the same records into W&B
         self.throughput = throughput  # --log-throughput: model TFLOP/s per GPU, as Megatron-LM
         self.path = os.path.join(save_dir, "metrics.jsonl") if (save_dir and enabled) else None
         self.raw_tokens = self.positions = self.flops = 0
@@ -79,6 +80,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "iteration" and value is not None:
                     self._tensorboard.add_scalar(key, value, record["iteration"])
+        if self.wandb:
+            self.wandb.write(record)
 
     def step(self, *, iteration, phase, loss, target_entropy, lr, grad_norm, raw_tokens, positions, flops,
              step_time, peak_flops, world_size, log) -> None:
@@ -130,3 +133,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tensorboard:
             self._tensorboard.close()
+        if self.wandb:
+            self.wandb.close()
+            self.wandb = None

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, orphan, parallel, preflight, profiling
+from megatron_tst import checkpointing, device, logging_wandb, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, loss_scaling, lr_schedule, model_settings, overlap_settings,
     parse_args,
@@ -64,7 +64,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         bf16=config.model.bf16,
         transformer_impl=resolved_transformer_impl(config.model),
         fp8_format=config.model.fp8_format,
-        fp8_recipe=config.model.fp8_recipe,
+        fp8_recipe=config.model.fp8_recipe or "delayed",
         moe_token_dispatcher_type=config.model.moe_token_dispatcher_type,
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
@@ -329,7 +329,7 @@ class Run:
                 fresh_adam_state(self.optimizer)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
-                                   self.run_config())
+                                   self.run_config(), async_save=self.config.checkpoint.async_save)
 
 
 def setup(config: PretrainConfig) -> Run:
@@ -373,7 +373,8 @@ def setup(config: PretrainConfig) -> Run:
     return Run(config=config, started=started, plan=plan, data_plan=plan, arch=arch, chunks=chunks, model_config=model_config,
                optimizer=optimizer, scheduler=scheduler,
                metrics=MetricsLogger(config.checkpoint.save, config.logging.tensorboard_dir, enabled=is_logger,
-                                     throughput=config.logging.log_throughput),
+                                     throughput=config.logging.log_throughput,
+                                     wandb=logging_wandb.open_writer(config, is_logger)),
                vocab_size=vocab_size, eod=eod, global_batch=global_batch,
                batch_schedule=BatchSchedule(global_batch, training.rampup_batch_size),
                num_microbatches=global_batch // (training.micro_batch_size * dp_size), dp_rank=dp_rank,
@@ -459,6 +460,7 @@ def train(run: Run) -> dict:
         return train_loop(run, stop)
     finally:
         run.profiler.stop()
+        checkpointing.finalize_async_saves()  # --async-save: the last checkpoint is published before exit
         if training.manual_gc:
             gc.enable()
 
@@ -474,6 +476,7 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
         if phase != iterator_phase:
             if plan is not None and phase != SUPERPOSITION and ckpt.exit_at_phase_switch:
                 run.save(run.iteration)
+                metrics.close()
                 return {"iteration": run.iteration, "stopped": "phase switch"}
             iterators = [data.micro_batches(phase, run.consumed.get(phase, 0), training.micro_batch_size,
                                             run.dp_rank, run.dp_size, config.data.num_workers or 0)
@@ -507,6 +510,9 @@ def train_loop(run: Run, stop: StopFlags) -> dict:
             return {"iteration": iteration, "stopped": stop_reason, "history": metrics.history}
         if ckpt.save_interval and iteration % ckpt.save_interval == 0:
             run.save(iteration)
+        if ckpt.async_save:  # publish a finished background save (a small all-reduce when one is in flight)
+            checkpointing.finalize_async_saves(blocking=False)
+    checkpointing.finalize_async_saves()
     if ckpt.save and checkpointing.latest_iteration(ckpt.save) != run.iteration:
         run.save(run.iteration)
     metrics.close()

@@ -4,6 +4,7 @@ builds Megatron-LM's GPT (LayerNorm, GeLU, learned positions, biases, tied) as m
 
 import dataclasses
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -111,9 +112,9 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 # Transformer Engine (check_environment)
 REFUSED = {
     "--tiktoken-pattern", "--no-mmap-bin-files",
-    "--wandb-project", "--wandb-exp-name",
 }
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
+NEEDS_WANDB = set() if importlib.util.find_spec("wandb") else {"--wandb-project"}  # its package, not installed
 FP8_SETTINGS = {"--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"}
 
 
@@ -195,18 +196,20 @@ def test_megatron_lm_recipe_flags_are_honoured_or_refused_in_one_line(recipe, si
     assert all("\n" not in line and len(line) < 300 for line in refusals)
     refused = {leading_flag(line) for line in refusals}
     local = resolved_transformer_impl(config.model) == "local"
-    assert refused == flags & (REFUSED | (NEEDS_TE if local else set())), refusals
+    assert refused == flags & (REFUSED | NEEDS_WANDB | (NEEDS_TE if local else set())), refusals
     if refusals:  # the parser itself stops at the first, in one line
         with pytest.raises(ValueError) as error:
             check_environment(parse_args(recipe_argv(recipe)))
         assert str(error.value) in refusals
 
     # FP8's settings go with --fp8-format (their own check: they need it)
-    runnable = recipe_argv(recipe, drop=refused | (FP8_SETTINGS if "--fp8-format" in refused else set()))
+    drop = refused | (FP8_SETTINGS if "--fp8-format" in refused else set()) \
+        | ({"--wandb-exp-name"} if "--wandb-project" in refused else set())
+    runnable = recipe_argv(recipe, drop=drop)
     if "--rampup-batch-size" in flags:  # the GPT-3 recipe ramps with --train-iters, which Megatron-LM asserts against
         with pytest.raises(ValueError, match="^--rampup-batch-size needs --train-samples"):
             parse_args(runnable)
-        runnable = recipe_argv(recipe, drop=refused | {"--rampup-batch-size"})
+        runnable = recipe_argv(recipe, drop=drop | {"--rampup-batch-size"})
     for tst in ([], ["--tst-bag-size", "6", "--tst-ratio", "0.3"]):
         config = parse_args(runnable + tst)
         check_environment(config)
