@@ -35,7 +35,7 @@ class Job:
     def __init__(self, argv):
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines, self.seen = queue.Queue(), []
+        self.lines, self.seen, self.drained = queue.Queue(), [], False
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -44,15 +44,18 @@ class Job:
         self.lines.put(None)
 
     def poll_output(self):
-        """New output lines; False once the job has ended and its output is drained."""
-        while True:
+        """New output lines; False once the job has ended and its output is drained (and on every
+        call after that)."""
+        while not self.drained:
             try:
                 line = self.lines.get_nowait()
             except queue.Empty:
                 return True
             if line is None:
-                return False
+                self.drained = True
+                break
             self.seen.append(line)
+        return False
 
     def kill_everything(self):
         """SIGKILL the launcher and every process it started, wherever their session (torchrun puts
