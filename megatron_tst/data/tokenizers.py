@@ -66,7 +66,17 @@ class _SentencePiece:
 _PlainSentencePiece = _SentencePiece  # earlier name
 
 
-class _TokenizerJson:
+class _RustBacked:
+    """Encoding through a ``tokenizers.Tokenizer`` held as ``self._tokenizer``, special tokens never added."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+class _TokenizerJson(_RustBacked):
     """A bare ``tokenizer.json`` through the ``tokenizers`` package (no transformers needed)."""
 
     def __init__(self, path: str, threads: int = 1):
@@ -98,17 +108,11 @@ class _TokenizerJson:
                 return token
         return None
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
-
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-class _GPT2BPE:
+class _GPT2BPE(_RustBacked):
     """Megatron-LM's GPT2BPETokenizer (GPT-2's byte-level BPE, no special tokens in text) in ``tokenizers``."""
 
     def __init__(self, vocab_file: str, merge_file: str, threads: int = 1):
@@ -131,12 +135,6 @@ class _GPT2BPE:
         self.threads = threads
         self.vocab_size = len(encoder)
         self.eod = encoder["<|endoftext|>"]
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
