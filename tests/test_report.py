@@ -124,6 +124,32 @@ def test_iso_loss_interpolates_between_the_baseline_evaluations(hand_made, tmp_p
     assert table_a[1:6] == ["20", "5", "3.3500", "4.0000", "-0.6500"]  # the baseline at the same step 20
 
 
+def test_grid_of_bag_size_and_ratio_puts_each_gap_in_its_cell(hand_made, tmp_path, capsys):
+    """Section (e): three runs whose plans say (s, r) = (4, 0.25), (4, 0.5), (2, 0.25); their gaps to
+    the baseline at step 20 (4.0) are -0.65, -0.9 and +1.5, the lowest in bold, an empty cell a dash."""
+    base, runs = hand_made
+
+    def plan(run, bag, switch):
+        folder = os.path.join(run, "superposition", "iter_0000005")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "run_config.json"), "w") as handle:
+            json.dump({"tst": dict(bag_size=bag, switch_iter=switch, total_iters=20)}, handle)
+
+    for run, (bag, switch) in zip(runs, ((4, 5), (4, 10), (2, 5))):
+        plan(run, bag, switch)
+    assert tst_report.main([*runs, "--baseline", base, "--output", str(tmp_path / "out")]) == 0
+    lines = open(tmp_path / "out" / "report.md").read().splitlines()
+    grid = lines[lines.index("## (e) Grid: gap to the baseline by bag size s and switch ratio r"):]
+    assert grid[2] == "| s \\ r | 0.25 | 0.5 |"
+    assert grid[4] == "| 2 | +1.5000 | – |" and grid[5] == "| 4 | -0.6500 | **-0.9000** |"
+    assert "Lowest: s=4, r=0.5 (-0.9000, lower)" in grid[7]
+    plan(runs[1], 4, 5)  # two runs in one cell: an error naming both, not a silent pick
+    capsys.readouterr()
+    assert tst_report.main([*runs, "--baseline", base, "--output", str(tmp_path / "again")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: two runs with s=4, r=0.25 for one grid cell (tst, lower)") and "\n" not in error
+
+
 def test_iso_loss_by_length_reads_final_losses_in_log_steps(hand_made, tmp_path, capsys):
     """Baselines of 10, 20 and 40 steps, each ending (decayed) at 4.0, 3.6 and 3.2, 100 FLOPs and
     0.5 s a step; the mid-run evaluations of the 40-step one are deliberately high (before decay)."""

@@ -59,6 +59,13 @@ class Run:
         return any(r["phase"] == "superposition" for r in self.steps)
 
     @property
+    def bag_and_ratio(self) -> tuple[int, float] | None:
+        """(s, r) from the run's plan; None without one."""
+        if not self.tst:
+            return None
+        return self.tst["bag_size"], round(self.tst["switch_iter"] / self.tst["total_iters"], 2)
+
+    @property
     def switch_iter(self) -> int | None:
         """The switch iteration (None without a recovery phase): the plan's, else the last logged
         phase-1 step (which lags the switch when it is not a multiple of --log-interval)."""
@@ -95,7 +102,8 @@ class Run:
     def label(self) -> str:
         if not self.tst:
             return self.name
-        parts = [f"s={self.tst['bag_size']}", f"r={self.tst['switch_iter'] / self.tst['total_iters']:.2g}"]
+        bag, ratio = self.bag_and_ratio
+        parts = [f"s={bag}", f"r={ratio:.2g}"]
         if self.tst.get("mode", "full") != "full":
             parts.append(self.tst["mode"])
         weighting = self.tst.get("loss_weighting", "uniform")
@@ -278,12 +286,50 @@ def report_markdown(runs: list[Run], baseline: Run | None, figure: str | None,
         lines += ["", "Baseline steps: linear in log(steps) between the two final losses around the run's "
                   "(\"≤\": the shortest baseline already ends at or below it; \"not reached\": the longest "
                   "ends above it)."]
+    if baseline is not None:
+        lines += grid_markdown([run for run in runs if run is not baseline], baseline)
     if figure:
         lines += ["", "## (c) Curves", "", f"![validation loss]({os.path.basename(figure)})", "",
                   "Solid: next-token validation loss. Dashed: phase-1 training loss on the KL scale (MCE "
                   "minus the entropy of the slot weights; a bag-prediction loss, not comparable with "
                   "next-token losses). Dotted vertical: the switch."]
     return "\n".join(lines) + "\n"
+
+
+def grid_markdown(runs: list[Run], baseline: Run) -> list[str]:
+    """Section (e): the gap to the baseline at equal steps, bag size s down, switch ratio r across,
+    the lowest in bold: where finished runs of two or more (s, r) were given."""
+    cells = {}
+    for run in runs:
+        step, loss = run.final
+        reference = validation_at(baseline, step)
+        finished = run.tst is not None and step == run.tst["total_iters"]  # a run still training is left out
+        if finished and reference is not None and run.tst.get("mode", "full") == "full":
+            cells.setdefault(run.bag_and_ratio, []).append((loss - reference, run))
+    if len(cells) < 2:
+        return []
+    repeated = [key for key, found in cells.items() if len(found) > 1]
+    if repeated:
+        raise ReportError(f"two runs with s={repeated[0][0]}, r={repeated[0][1]:.2g} for one grid cell "
+                          "({}); give one run per (s, r), or use --pair for seeds".format(
+                              ", ".join(run.name for _, run in cells[repeated[0]])))
+    bags, ratios = sorted({s for s, _ in cells}), sorted({r for _, r in cells})
+    best = min(cells, key=lambda key: cells[key][0][0])
+    lines = ["", "## (e) Grid: gap to the baseline by bag size s and switch ratio r", "",
+             "| s \\ r | " + " | ".join(f"{r:.2g}" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for bag in bags:
+        row = []
+        for ratio in ratios:
+            gap = cells.get((bag, ratio), [(None,)])[0][0]
+            text = "–" if gap is None else f"{gap:+.4f}"
+            row.append(f"**{text}**" if (bag, ratio) == best else text)
+        lines.append(f"| {bag} | " + " | ".join(row) + " |")
+    gap, run = cells[best][0]
+    lines += ["", f"Final next-token validation loss minus the baseline's at the same step (negative: TST "
+                  f"ahead); one run per cell. Lowest: s={best[0]}, r={best[1]:.2g} ({gap:+.4f}, {run.name}). "
+                  "Read differences against the seed-to-seed noise of a gap (--pair over seeds)."]
+    return lines
 
 
 def run_colors(count: int) -> list:
@@ -476,12 +522,17 @@ def main(argv=None) -> int:
         message = f"missing field {error}" if isinstance(error, KeyError) else str(error)
         print(f"error: {message}", file=sys.stderr)
         return 1
-    os.makedirs(args.output, exist_ok=True)
     figure = os.path.join(args.output, "report.png")
+    try:  # the tables first: a refusal leaves the output folder as it was
+        markdown = report_markdown(runs, baseline, figure, by_length)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.makedirs(args.output, exist_ok=True)
     if not plot(runs, figure):
         print("note: no figure (matplotlib missing: pip install -e \".[plots]\")", file=sys.stderr)
         figure = None
-    markdown = report_markdown(runs, baseline, figure, by_length)
+        markdown = report_markdown(runs, baseline, figure, by_length)
     if pairs:
         gaps = os.path.join(args.output, "gap.png")
         markdown += "\n" + "\n".join(pairs_markdown(pairs, gaps if plot_gaps(pairs, gaps) else None)) + "\n"
