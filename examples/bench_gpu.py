@@ -275,9 +275,10 @@ def bench_local(args, base_row: dict | None) -> dict:
     return row
 
 
-def bench_loss_fusion(args) -> list[dict]:
-    """--output-layer-loss-fusion off and on, per micro-batch size, the TST step models alone."""
-    rows = []
+def bench_loss_fusion(args, rows: list[dict], save) -> list[dict]:
+    """--output-layer-loss-fusion off and on, per micro-batch size, the TST step models alone; each
+    configuration appended to ``rows`` and ``save()`` called after it (eight builds: a run cut short
+    keeps the ones done)."""
     sizes = args.fusion_micro_batches or [args.micro_batch_size, 2 * args.micro_batch_size]
     for name, bag, tst in step_specs(args, ["tst", "tst-ntp"]):
         for size in sizes:
@@ -299,6 +300,7 @@ def bench_loss_fusion(args) -> list[dict]:
                 del trainer
                 free_memory()
                 rows.append(row)
+                save()
                 print(f"  loss-fusion {name} mb {size} fusion {'on ' if fused else 'off'}: "
                       + (f"{row['median_ms']:.1f} ms, peak {fmt(row['peak_memory_gib'], '.2f')} GiB"
                          if "median_ms" in row else "out of memory"), flush=True)
@@ -537,7 +539,8 @@ def main(argv=None) -> int:
             elif section == "losses":
                 results["losses"] = bench_losses(args)
             elif section == "loss-fusion":
-                results["loss_fusion"] = bench_loss_fusion(args)
+                results["loss_fusion"] = []
+                bench_loss_fusion(args, results["loss_fusion"], save)
             elif section == "layouts":
                 results["layouts"] = bench_layouts(args)
             elif section == "profile":

@@ -10,23 +10,27 @@
 # logs and JSON of every step lie beside it.
 #
 # Steps, each in its own process under its own time limit (min(its ceiling, what is left of the
-# budget); a step that starts with under 20 s left is skipped), each writing to OUTDIR as it goes,
-# and tools/gpu_summary.py rewriting OUTDIR/summary.{md,json} after each (a run cut short returns
-# what it measured). Expected times from the H200 run of 2026-12-04 (270M step 382 ms with the old
-# attention) and CPU compile times; ceilings in brackets:
-#   headline     270M, seq 2048, bf16, 4x2: baseline / TST next-token / TST phase-1 (s=6), interleaved,
+# budget); a step that would start with under 20 s left is skipped), each writing to OUTDIR as it
+# goes, and tools/gpu_summary.py rewriting OUTDIR/summary.{md,json} after each (a run cut short
+# returns what it measured). Expected times are estimates (no GPU was lent when this was written):
+# the H200's 270M step took 382 ms with the old attention, imports ~10 s a process, the first
+# Triton compiles ~20-60 s a process (later processes reuse the on-disk cache). [ceiling]
+#   headline     270M, seq 2048, bf16, 4x2: baseline / TST next-token / TST phase-1 (s=6) interleaved,
 #                each one's peak alone, the baseline with --attention-backend local, the loss kernels
-#                at V=128256, N=8192, s in {1, 6, 16} (examples/bench_gpu.py)          ~2 min [240 s]
+#                at V=128256, N=8192, s in {1, 6, 16}; then the top kernels of one baseline and one
+#                TST step and the layouts 4x2 vs 8x1 (examples/bench_gpu.py)          ~2-3 min [300 s]
 #   linear       fused output layer + MCE against output GEMM + fused CE / today's MCE, V=128256,
 #                N=8192, H=1024, s in {1, 16} (examples/bench_mce.py --linear)          ~40 s [90 s]
 #   tests-fast   pytest -m gpu: tests/test_gpu_fast_step.py, tests/test_gpu_loss_kernels.py ~90 s [150 s]
-#   fusion       --output-layer-loss-fusion off/on at micro-batch 4 and 8 (time, peak)  ~60 s [120 s]
-#   peer         ours against transformers' LlamaForCausalLM (sdpa), the 270M shape, mb 4 ~70 s [120 s]
+#   fusion       --output-layer-loss-fusion off/on at micro-batch 4 and 8 (time, peak)  ~80 s [120 s]
+#   peer         ours against transformers' LlamaForCausalLM (sdpa), the 270M shape, mb 4 ~80 s [120 s]
 #   3b           the 3B preset: MFU (micro-batch 2 x 4 on >= 120 GiB, else 1 x 8; out of memory:
-#                again at 1 x 8 with full recomputation)                                ~80 s [150 s]
-#   profile      top kernels of one baseline and one TST step; micro-batch layouts 4x2 vs 8x1 ~50 s [90 s]
+#                again at 1 x 8 with full recomputation)                                ~60 s [150 s]
 #   linear-main-grad  the linear comparison with DDP's fp32 main_grad (as pretrain trains) ~30 s [60 s]
-#   tests-rest   pytest -m gpu: tests/test_gpu.py, tests/test_te.py (TE tests skip without TE) [what is left]
+#   tests-rest   pytest -m gpu: tests/test_gpu.py but the launcher, tests/test_te.py (skip without TE) [150 s]
+#   tests-launcher  the launcher's two-phase bf16 run with a SIGTERM resume (minutes)  [what is left]
+# The budget most likely ends during the last two; with device time to spare, a second call
+# (GPU_CHECK_ONLY="tests-rest tests-launcher", OUTDIR another folder) runs them.
 #
 # Usage: tools/gpu_check.sh OUTDIR [WHEEL_DIR]
 #   GPU_CHECK_BUDGET_S=540   the wall-time budget of all steps, in seconds
@@ -154,9 +158,10 @@ bench=("$python" examples/bench_gpu.py "${quick[@]}")
 linear=("$python" examples/bench_mce.py --linear "${mce_device[@]}" --dtype bf16
         --methods linear-fused-compiled linear-mce linear-megatron-fused)
 
-# 1. the headline: 270M MFU ours vs megatron-core's attention, the TST/baseline ratio, the loss kernels
-step headline 240 "${bench[@]}" --steps 10 --warmup 3 --local-steps 6 --loss-repeats 10 \
-  --sections steps memory local losses --output "$out/bench_gpu.json"
+# 1. the headline: 270M MFU ours vs megatron-core's attention, the TST/baseline ratio, the loss
+#    kernels; then, in the same process (compiled already), the profile and the micro-batch layouts
+step headline 300 "${bench[@]}" --steps 10 --warmup 3 --local-steps 6 --loss-repeats 10 \
+  --sections steps memory local losses profile layouts --output "$out/bench_gpu.json"
 # 2. the fused output layer + MCE (issue 20)
 step linear 90 "${linear[@]}" --json "$out/bench_linear.json"
 # 3. the GPU tests of the fast step and the loss kernels (the code behind the figures above)
@@ -182,12 +187,11 @@ if [ $? -eq 3 ]; then
     --sections steps --step-models gptmodel --output "$out/bench_3b.json" \
     --model-flags "$fusion_flags --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
 fi
-# 7. where the time goes, and the micro-batch layout
-step profile 90 "${bench[@]}" --steps 5 --warmup 2 --sections profile layouts --output "$out/bench_profile.json"
-# 8. the fused output layer with DDP's main_grad, as pretrain trains
+# 7. the fused output layer with DDP's main_grad, as pretrain trains
 step linear-main-grad 60 "${linear[@]}" --main-grad --json "$out/bench_linear_main_grad.json"
-# 9. the other GPU tests (the launcher's SIGTERM resume alone took minutes on the H200)
-step tests-rest 600 "${pytest_gpu[@]}" tests/test_gpu.py tests/test_te.py
+# 8. the other GPU tests; last, the launcher's two-phase run with a SIGTERM resume (minutes on the H200)
+step tests-rest 150 "${pytest_gpu[@]}" tests/test_gpu.py tests/test_te.py -k "not launcher"
+step tests-launcher 600 "${pytest_gpu[@]}" tests/test_gpu.py -k launcher
 
 echo "[gpu_check +$((SECONDS - started)) s] done; logs and JSON in $out"
 summary

@@ -158,16 +158,15 @@ def step_targets(outdir: str) -> list[dict]:
                        tests_status(resume.values()),
                        source="tests-fast.log"))
 
-    extra = load(outdir, "bench_profile.json") or {}
-    profile = extra.get("profile") or {}
+    profile = head.get("profile") or {}
     rows.append(target(19, "top kernels of one baseline and one TST step", "captured",
-                       f"{', '.join(sorted(profile))}: see profile.log" if profile else None,
-                       INFO if profile else MISSING, source="bench_profile.json"))
-    layouts = extra.get("layouts") or []
+                       f"{', '.join(sorted(profile))}: in headline.log and bench_gpu.json" if profile else None,
+                       INFO if profile else MISSING, source="bench_gpu.json"))
+    layouts = head.get("layouts") or []
     if len(layouts) > 1:
         rows.append(target(19, f"micro-batch layout {layouts[1]['layout']} / {layouts[0]['layout']}", "reported",
                            f"{layouts[1]['vs_first']:.3f}x ({layouts[0]['median_ms']:.1f} vs {layouts[1]['median_ms']:.1f} ms)",
-                           INFO, layouts[1]["vs_first"], "bench_profile.json"))
+                           INFO, layouts[1]["vs_first"], "bench_gpu.json"))
     return rows
 
 
@@ -254,7 +253,8 @@ def loss_targets(outdir: str) -> list[dict]:
 def test_targets(outdir: str) -> list[dict]:
     rows = []
     for log, files in (("tests-fast.log", "test_gpu_fast_step, test_gpu_loss_kernels"),
-                       ("tests-rest.log", "test_gpu, test_te")):
+                       ("tests-rest.log", "test_gpu without the launcher, test_te"),
+                       ("tests-launcher.log", "test_gpu's launcher with a SIGTERM resume")):
         results = test_results(outdir, log)
         if results is None:
             rows.append(target("19/20", f"pytest -m gpu ({files})", "no failure", source=log))
