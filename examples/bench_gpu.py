@@ -462,7 +462,7 @@ def print_section(name: str, results: dict, args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="270M")
-    parser.add_argument("--model-flags", default="", help="more pretrain flags for every model, one string "
+    parser.add_argument("--model-flags", default="", help="more pretrain flags for every model, one string, given as --model-flags=... "
                         "(e.g. \"--recompute-granularity full --recompute-method uniform --recompute-num-layers 1\")")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--micro-batch-size", type=int, default=4)

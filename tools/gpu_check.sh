@@ -78,9 +78,12 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 import importlib.metadata as metadata, subprocess, sys, time
 import torch
 lines = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
-smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                     capture_output=True, text=True) if torch.cuda.is_available() else None
-lines += [smi.stdout.strip()] if smi and smi.returncode == 0 else []
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+    lines += [smi.stdout.strip()] if smi.returncode == 0 else []
+except (OSError, subprocess.TimeoutExpired):
+    pass
 def version(name):
     try:
         return metadata.version(name)
@@ -154,7 +157,7 @@ else
 fi
 pytest_gpu=("$python" -m pytest -v -rs -m gpu -p no:cacheprovider)
 bench=("$python" examples/bench_gpu.py "${quick[@]}")
-[ -z "$fusion_flags" ] || bench+=(--model-flags "$fusion_flags")
+[ -z "$fusion_flags" ] || bench+=("--model-flags=$fusion_flags")
 linear=("$python" examples/bench_mce.py --linear "${mce_device[@]}" --dtype bf16
         --methods linear-fused-compiled linear-mce linear-megatron-fused)
 
@@ -185,7 +188,7 @@ if [ $? -eq 3 ]; then
   failed=$failed_before  # out of memory is an answer (recorded), not a failure of the script
   step 3b-recompute 150 "${bench[@]}" --preset 3B --micro-batch-size 1 --micro-batches 8 --steps 5 --warmup 2 \
     --sections steps --step-models gptmodel --output "$out/bench_3b.json" \
-    --model-flags "$fusion_flags --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+    "--model-flags=$fusion_flags --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
 fi
 # 7. the fused output layer with DDP's main_grad, as pretrain trains
 step linear-main-grad 60 "${linear[@]}" --main-grad --json "$out/bench_linear_main_grad.json"
