@@ -409,6 +409,16 @@ def bench_losses(args) -> list[dict]:
     return rows
 
 
+def loss_kernel_compile() -> str:
+    """Whether the compiled loss kernels ran compiled (they fall back to eager, with a warning, where
+    torch.compile fails: the figures would then be the eager kernels')."""
+    from megatron_tst.tst import loss_kernels
+
+    if loss_kernels._COMPILE_FAILED:
+        return f"failed, eager fallback: {loss_kernels._COMPILE_FAILED[0][:300]}"
+    return "compiled" if device.cuda() else "eager (CPU default)"
+
+
 # ---- printing ----------------------------------------------------------------------------------------
 
 def fmt(value, spec: str, missing: str = "n/a") -> str:
@@ -553,6 +563,7 @@ def main(argv=None) -> int:
             save()
             break
         results["sections_done"].append(section)
+        results["loss_kernel_compile"] = loss_kernel_compile()
         results.setdefault("section_seconds", {})[section] = time.perf_counter() - started
         save()
         print_section(section, results, args)

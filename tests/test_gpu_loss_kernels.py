@@ -5,7 +5,7 @@ the CPU, and the fused layer's peak memory at the Llama-3 vocabulary (the issue'
 import pytest
 import torch
 
-from megatron_tst.tst import listing3_target_weights, mce_loss_reference, single_kernel_mce
+from megatron_tst.tst import listing3_target_weights, loss_kernels, mce_loss_reference, single_kernel_mce
 from megatron_tst.tst.linear_loss import fused_linear_mce
 from tests.test_loss_kernels import WEIGHTINGS, _weighting, extreme_inputs
 
@@ -52,6 +52,9 @@ def test_compiled_kernels_on_cuda_match_listing3(dtype, tolerance):
             assert abs(losses.sum().item() - reference.item()) <= bound * abs(reference.item()), (name, bag_size)
             for got, want in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
                 assert (got.double().cpu() - want).abs().max() <= 4 * bound * want.abs().max(), (name, bag_size)
+    # the Triton kernels ran: a failed torch.compile falls back to the eager twins (with a warning),
+    # which would pass the checks above without testing what a GPU run uses
+    assert not loss_kernels._COMPILE_FAILED, loss_kernels._COMPILE_FAILED
 
 
 def test_fused_output_layer_peak_memory_at_v128256():

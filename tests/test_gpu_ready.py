@@ -357,7 +357,7 @@ def test_the_gpu_summary_judges_each_target_from_the_runs_files(tmp_path):
 
     args = dict(preset="270M", seq_length=2048, micro_batch_size=4, micro_batches=2, vocab=128256, loss_positions=8192)
     _write(tmp_path / "environment.txt", "NVIDIA H100 80GB HBM3\n")
-    _write(tmp_path / "bench_gpu.json", dict(args=args, steps=[
+    _write(tmp_path / "bench_gpu.json", dict(args=args, loss_kernel_compile="failed, eager fallback: no gcc", steps=[
         _step("gptmodel", 100.0, 0.31, peak_memory_gib=20.0),
         _step("tst-s6", 104.0, 0.30, vs_gptmodel_medians=1.04, vs_gptmodel_per_round=1.031),
         _step("gptmodel-local", 380.0, 0.08, peak_memory_gib=50.0, ours_vs_local=0.263)], losses=[
@@ -393,6 +393,7 @@ def test_the_gpu_summary_judges_each_target_from_the_runs_files(tmp_path):
     assert status["fused AdamW in every benchmark step"] == "pass"
     assert status["fused AdamW after a save and resume"] == "pass"
     assert status["top kernels of one baseline and one TST step"] == "missing"
+    assert status["the loss kernels ran compiled"] == "FAIL"  # their figures are the eager fallback's
     assert status["single-kernel MCE s=16 / megatron-core fused CE"] == "pass"  # 0.94 <= 1.0
     assert status["single kernel s=1"] == "FAIL"  # 1.01 > 1.0
     assert status["fused output layer + MCE, peak"] == "pass"  # 0.68 GiB, 0.0875x

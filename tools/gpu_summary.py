@@ -175,6 +175,10 @@ def loss_targets(outdir: str) -> list[dict]:
     head = load(outdir, "bench_gpu.json") or {}
     losses = {(row["s"], row["method"]): row for row in head.get("losses", [])}
     where = f"V={head['args']['vocab']}, N={head['args']['loss_positions']}" if head.get("args") else ""
+    compiled = head.get("loss_kernel_compile")
+    rows.append(target(20, "the loss kernels ran compiled (Triton), not the eager fallback", "compiled", compiled,
+                       INFO if compiled and compiled.startswith("eager") else
+                       (PASS if compiled == "compiled" else FAIL) if compiled else MISSING, source="bench_gpu.json"))
     single = losses.get((16, "single-s16"))
     rows.append(target(20, f"single-kernel MCE s=16 / megatron-core fused CE ({where})", "<= 1.0 (was 1.38x)",
                        f"{single['vs_megatron_fused']:.3f}x ({single['median_ms']:.2f} ms, {single['peak_mib']:.0f} MiB)"
