@@ -425,6 +425,10 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
+def ratio_text(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}x"
+
+
 def print_steps(rows: list[dict]) -> None:
     print("| step | attention | median ms | min ms | vs GPTModel (medians) | (per round) | latent pos/s | raw tokens/s "
           "| MFU | peak GiB (alone) | fused AdamW |")
@@ -432,16 +436,24 @@ def print_steps(rows: list[dict]) -> None:
     for row in rows:
         mfu_text = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
         print(f"| {row['step']} | {row['core_attention']} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | "
-              f"{fmt(row.get('vs_gptmodel_medians'), '.3f')}x | {fmt(row.get('vs_gptmodel_per_round'), '.3f')}x | "
+              f"{ratio_text(row.get('vs_gptmodel_medians'))} | {ratio_text(row.get('vs_gptmodel_per_round'))} | "
               f"{row['latent_positions_per_s']:,.0f} | {row['raw_tokens_per_s']:,.0f} | {mfu_text} | "
               f"{fmt(row.get('peak_memory_gib'), '.1f')} | {row['fused_adamw']} |", flush=True)
 
 
 def print_section(name: str, results: dict, args) -> None:
-    if name in ("steps", "memory", "local"):
-        print(f"\n[{name}] {args.preset} at seq {args.seq_length}, micro-batch {args.micro_batch_size} x "
+    if name == "steps":
+        print(f"\n[steps] {args.preset} at seq {args.seq_length}, micro-batch {args.micro_batch_size} x "
               f"{args.micro_batches}, {'bf16' if args.bf16 else 'fp32'}")
         print_steps(results["steps"])
+    elif name == "memory":
+        print("\n[memory] peak GiB of each step with only its own model alive: " + ", ".join(
+            f"{step} {fmt(gib, '.2f')}" for step, gib in results["peak_memory_alone_gib"].items()))
+    elif name == "local":
+        print("\n[local] the baseline with --attention-backend local, alone")
+        local = results["steps"][-1]
+        print_steps([local])
+        print(f"ours (auto) / local step time: {ratio_text(local.get('ours_vs_local'))}")
     elif name == "layouts":
         print("\n[layouts] baseline step by micro-batch layout (micro-batch size x micro-batches)")
         print("| layout | samples | median ms | vs first |\n|---|---|---|---|")
