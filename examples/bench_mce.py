@@ -374,11 +374,11 @@ def main():
                        peak_mib=memory)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # after every case: a run cut short keeps what it measured
+                with open(args.json, "w") as handle:
+                    json.dump(rows, handle, indent=1)
     print_table(rows, args)
     print(f"\ntotal {time.time() - started:.0f} s, load average {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
     parallel.shutdown()
 
 

@@ -291,6 +291,7 @@ def main(argv=None) -> int:
     )
     if "ours-unfused" in times:
         results["fusions_time_ratio"] = median["ours"] / median["ours-unfused"]
+    save(results, args.output)  # the times, before the memory runs (a run cut short keeps them)
     if args.memory:
         peaks = {name: measure_memory(args, name, args.seq_length)["peak_bytes"] for name in model_names(args)}
         results.update(peak_gib={k: v / 2**30 for k, v in peaks.items()}, memory_ratio=peaks["ours"] / max(peaks["peer"], 1))
@@ -323,10 +324,14 @@ def main(argv=None) -> int:
         (a, pa), (b, pb) = row["peak_gib"].items()
         print(f"{name}: peak {pa:.2f} GiB at seq {a}, {pb:.2f} GiB at seq {b}: {row['ratio']:.2f}x for {b / a:.0f}x "
               "the sequence")
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(results, handle, indent=2)
+    save(results, args.output)
     return 0
+
+
+def save(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ the CPU, and the fused layer's peak memory at the Llama-3 vocabulary (the issue'
 import pytest
 import torch
 
-from megatron_tst.tst import listing3_target_weights, mce_loss_reference, single_kernel_mce
+from megatron_tst.tst import listing3_target_weights, loss_kernels, mce_loss_reference, single_kernel_mce
 from megatron_tst.tst.linear_loss import fused_linear_mce
 from tests.test_loss_kernels import WEIGHTINGS, _weighting, extreme_inputs
 
@@ -52,6 +52,9 @@ def test_compiled_kernels_on_cuda_match_listing3(dtype, tolerance):
             assert abs(losses.sum().item() - reference.item()) <= bound * abs(reference.item()), (name, bag_size)
             for got, want in ((h.grad, ref_h.grad), (w.grad, ref_w.grad)):
                 assert (got.double().cpu() - want).abs().max() <= 4 * bound * want.abs().max(), (name, bag_size)
+    # the Triton kernels ran: a failed torch.compile falls back to the eager twins (with a warning),
+    # which would pass the checks above without testing what a GPU run uses
+    assert not loss_kernels._COMPILE_FAILED, loss_kernels._COMPILE_FAILED
 
 
 def test_fused_output_layer_peak_memory_at_v128256():
@@ -95,3 +98,44 @@ def test_next_token_loss_on_cuda_is_the_compiled_single_kernel(single_rank):
     assert loss[1, 5].item() == 0  # the single kernel's value at an ignored position (megatron-core: its lse)
     assert torch.allclose(loss[valid], expected[valid], rtol=1e-6, atol=0)
     assert (ours.grad - reference.grad).abs().max() <= 1e-5 * reference.grad.abs().max()
+
+
+def test_fused_output_layer_trains_like_the_unfused_one_on_cuda(single_rank):
+    """--output-layer-loss-fusion on CUDA (its compiled Triton passes, what tools/gpu_check.sh's
+    fusion step times): 5 phase-1 steps (bags, s=4) then 5 next-token steps of the tiny model from
+    the same weights as the unfused model, fp32: losses within 1e-4, and the Triton path ran."""
+    from megatron_tst.models import build_gpt_model, preset, transformer_config
+    from megatron_tst.tst import num_valid_targets, split_sample
+    from megatron_tst.tst.linear_loss import LossFusedColumnParallelLinear
+
+    bag, latent, batch, steps = 4, 16, 2, 5
+    arch = preset("tiny")
+    plain, fused = (build_gpt_model(arch, transformer_config(arch), tst=True, output_layer_loss_fusion=on).cuda()
+                    for on in (False, True))
+    assert isinstance(fused.output_layer, LossFusedColumnParallelLinear)
+    fused.load_state_dict(plain.state_dict())
+    positions = torch.arange(latent, device="cuda").expand(batch, latent)
+    trajectories = []
+    for model in (plain, fused):
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        generator, losses = torch.Generator().manual_seed(0), []
+        for step in range(2 * steps):
+            s = bag if step < steps else 1
+            tokens, labels = split_sample(torch.randint(0, arch.vocab_size, (batch, s * latent + 1),
+                                                        generator=generator), s)
+            if s == 1:
+                tokens, labels = tokens.squeeze(-1), labels.squeeze(-1)
+            labels[0, 3] = -100
+            tokens, labels = tokens.cuda(), labels.cuda()
+            per_position = model(tokens, positions, None, labels=labels)
+            if labels.dim() == 2:
+                per_position = per_position * (labels >= 0)
+            loss = per_position.sum() / num_valid_targets(labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        trajectories.append(losses)
+    for step, (a, b) in enumerate(zip(*trajectories)):
+        assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+    assert not loss_kernels._COMPILE_FAILED, loss_kernels._COMPILE_FAILED

@@ -282,27 +282,53 @@ def test_recipe_flags_for_a_gpu_cluster_parse_on_any_machine():
         parse_args(["--model-preset", "tiny", "--seq-length", "32", "--fp8-recipe", "nope"])
 
 
-# ---- the GPU benchmark and check script, checked here on CPU -----------------------------------------
+# ---- the GPU check script, its benchmarks and its summary, checked here on CPU -----------------------
+
+def _gpu_check(out, **env):
+    return subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), str(out)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHON=sys.executable, **env))
+
 
 @pytest.mark.slow
-def test_the_gpu_benchmark_runs_end_to_end_at_tiny_shapes(tmp_path):
-    output = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py"), "--quick",
-                           "--profile", "--profile-top", "12", "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_the_gpu_check_dry_run_measures_the_headline_and_keeps_its_budget(tmp_path, capsys):
+    """tools/gpu_check.sh with GPU_CHECK_DRY_RUN=1 runs the GPU sequence at tiny shapes on CPU: the
+    headline step (our attention, megatron-core's, the TST step, the loss kernels, the profile, the
+    layouts) writes its JSON, the summary flags the figures as a dry run; with no budget left every
+    step is skipped, not run."""
     import json
 
-    results = json.loads(output.read_text())
-    assert [row["step"] for row in results["steps"]] == ["gptmodel", "tst-ntp", "tst-s6"]
-    assert {(row["s"], row["method"]) for row in results["losses"]} >= {(16, "mce-s16"), (16, "megatron-fused")}
-    assert [(row["layout"], row["samples"]) for row in results["layouts"]] == [("2x2", 4), ("4x1", 4)]
-    assert sorted(results["profile"]) == ["gptmodel", "tst-s6"]
-    # the top 12 ops by self time hold a matmul (which ranks first varies with the machine's load)
-    assert all("aten::mm" in table or "aten::addmm" in table for table in results["profile"].values())
-    refused = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "bench_gpu.py")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert refused.returncode == 1 and refused.stderr.strip().startswith("error: examples/bench_gpu.py measures a CUDA GPU")
+    out = tmp_path / "out"
+    done = _gpu_check(out, GPU_CHECK_DRY_RUN="1", GPU_CHECK_ONLY="headline")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = (out / "steps.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in steps[1:]] == [["headline", "ok"]]
+    head = json.loads((out / "bench_gpu.json").read_text())
+    assert head["sections_done"] == ["steps", "memory", "local", "losses", "profile", "layouts"]
+    attention = {row["step"]: row["core_attention"] for row in head["steps"]}
+    assert attention == {"gptmodel": "SDPAttention", "tst-ntp": "SDPAttention", "tst-s6": "SDPAttention",
+                         "gptmodel-local": "DotProductAttention"}
+    assert all(row["fused_adamw"] for row in head["steps"])
+    assert {(row["s"], row["method"]) for row in head["losses"]} >= {(16, "single-s16"), (16, "mce-s16"),
+                                                                   (16, "megatron-fused"), (1, "single-s1")}
+    assert sorted(head["profile"]) == ["gptmodel", "tst-s6"]
+    # the top ops by self time hold a matmul (which ranks first varies with the machine's load)
+    assert all("aten::mm" in table or "aten::addmm" in table for table in head["profile"].values())
+    assert [(row["layout"], row["samples"]) for row in head["layouts"]] == [("2x2", 4), ("4x1", 4)]
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("**Dry run") and "| TST phase-1 step / baseline step (tst-s6) |" in summary
+    assert summary in done.stdout  # printed at the end too
+
+    spent = _gpu_check(tmp_path / "spent", GPU_CHECK_DRY_RUN="1", GPU_CHECK_ONLY="headline linear",
+                       GPU_CHECK_BUDGET_S="0")
+    assert spent.returncode == 0, spent.stderr[-3000:]
+    assert [line.split("\t")[:2] for line in (tmp_path / "spent" / "steps.tsv").read_text().splitlines()[1:]] == [
+        ["headline", "skipped (budget spent)"], ["linear", "skipped (budget spent)"]]
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import bench_gpu
+
+    assert bench_gpu.main([]) == 1  # without --quick it measures a GPU only
+    assert capsys.readouterr().err.strip().startswith("error: examples/bench_gpu.py measures a CUDA GPU")
 
 
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
@@ -310,3 +336,73 @@ def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore"))
     assert done.returncode == 1 and "torch sees no CUDA GPU here" in done.stderr
+
+
+def _write(path, value):
+    import json
+
+    path.write_text(value if isinstance(value, str) else json.dumps(value))
+
+
+def _step(name, ms, mfu, **extra):
+    return dict(step=name, median_ms=ms, mfu=mfu, raw_tokens_per_s=1000.0, core_attention="SDPAttention",
+                fused_adamw=True, micro_batch_size=4, micro_batches=2, model_flags=[], **extra)
+
+
+def test_the_gpu_summary_judges_each_target_from_the_runs_files(tmp_path):
+    """tools/gpu_summary.py on a made-up OUTDIR: each target's pass/FAIL against its bound (both sides
+    of it), info rows, out of memory, skipped and failed tests, and 'missing' for what no step measured."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_summary
+
+    args = dict(preset="270M", seq_length=2048, micro_batch_size=4, micro_batches=2, vocab=128256, loss_positions=8192)
+    _write(tmp_path / "environment.txt", "NVIDIA H100 80GB HBM3\n")
+    _write(tmp_path / "bench_gpu.json", dict(args=args, loss_kernel_compile="failed, eager fallback: no gcc", steps=[
+        _step("gptmodel", 100.0, 0.31, peak_memory_gib=20.0),
+        _step("tst-s6", 104.0, 0.30, vs_gptmodel_medians=1.04, vs_gptmodel_per_round=1.031),
+        _step("gptmodel-local", 380.0, 0.08, peak_memory_gib=50.0, ours_vs_local=0.263)], losses=[
+        dict(s=16, method="single-s16", median_ms=12.0, vs_megatron_fused=0.94, peak_mib=2000.0),
+        dict(s=16, method="mce-s16", median_ms=17.7, vs_megatron_fused=1.38, peak_mib=6000.0),
+        dict(s=1, method="single-s1", median_ms=13.0, vs_megatron_fused=1.01, peak_mib=2000.0)]))
+    _write(tmp_path / "bench_3b.json", dict(steps=[], out_of_memory=dict(section="steps", error="CUDA out of memory")))
+    _write(tmp_path / "bench_linear.json", [dict(vocab=128256, positions=8192, bag=16, time_ms={
+        "linear-fused-compiled": 30.0, "linear-megatron-fused": 28.0, "linear-mce": 35.0}, peak_mib={
+        "linear-fused-compiled": {"alloc": 700.0}, "linear-megatron-fused": {"alloc": 8000.0}})])
+    _write(tmp_path / "bench_fusion.json", dict(loss_fusion=[
+        dict(step="tst-s6", micro_batch_size=4, output_layer_loss_fusion=False, median_ms=60.0, peak_memory_gib=30.0),
+        dict(step="tst-s6", micro_batch_size=4, output_layer_loss_fusion=True, median_ms=57.0, peak_memory_gib=18.0),
+        dict(step="tst-s6", micro_batch_size=8, output_layer_loss_fusion=False, out_of_memory=True),
+        dict(step="tst-s6", micro_batch_size=8, output_layer_loss_fusion=True, median_ms=110.0, peak_memory_gib=31.0)]))
+    _write(tmp_path / "tests-fast.log", "tests/test_gpu_fast_step.py::test_adamw_stays_fused_after_save_and_resume"
+           "[optimizer] PASSED [ 10%]\ntests/test_gpu_fast_step.py::test_adamw_stays_fused_after_save_and_resume"
+           "[distributed-optimizer] PASSED [ 20%]\ntests/test_gpu_loss_kernels.py::test_x FAILED [ 30%]\n")
+    _write(tmp_path / "tests-rest.log", "tests/test_te.py::test_y SKIPPED (needs TE) [ 50%]\n")
+    _write(tmp_path / "bench_peer.json", "{truncated")  # a step killed while writing: absent, not a crash
+    _write(tmp_path / "steps.tsv", "step\tstatus\tseconds\tlimit_s\nheadline\tok\t100\t240\npeer\ttimed out\t120\t120\n")
+
+    assert gpu_summary.main([str(tmp_path), "--quiet"]) == 0
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    status = {row["target"].split(" (")[0]: row["status"] for row in summary["targets"]}
+    assert status["MFU, --attention-backend auto"] == "pass"  # 31% >= 30%
+    assert status["MFU, --attention-backend local"] == "info"
+    assert status["TST phase-1 step / baseline step"] == "FAIL"  # 1.031 per round > 1.03 (medians not used)
+    assert status["MFU, 3B preset"] == "FAIL"  # out of memory
+    assert status["tokens/s, ours / transformers Llama"] == "missing"
+    assert status["fused AdamW in every benchmark step"] == "pass"
+    assert status["fused AdamW after a save and resume"] == "pass"
+    assert status["top kernels of one baseline and one TST step"] == "missing"
+    assert status["the loss kernels ran compiled"] == "FAIL"  # their figures are the eager fallback's
+    assert status["single-kernel MCE s=16 / megatron-core fused CE"] == "pass"  # 0.94 <= 1.0
+    assert status["single kernel s=1"] == "FAIL"  # 1.01 > 1.0
+    assert status["fused output layer + MCE, peak"] == "pass"  # 0.68 GiB, 0.0875x
+    assert status["fused output layer + MCE, time /"] == "pass"  # 1.071 <= 1.1
+    assert status["tst-s6: micro-batch 8 with --output-layer-loss-fusion in the memory of 4 without"] == "FAIL"  # 31 > 30
+    assert status["tst-s6 mb 4: step time with / without --output-layer-loss-fusion"] == "info"
+    tests = [row for row in summary["targets"] if row["target"].startswith("pytest")]
+    # a failure; only a skip; no log at all
+    assert [row["status"] for row in tests] == ["FAIL", "missing", "missing"]
+    assert "failed: test_x" in tests[0]["measured"] and tests[2]["measured"] == "not measured"
+    assert [s["status"] for s in summary["steps"]] == ["ok", "timed out"]
+    assert not (tmp_path / "summary.md").read_text().startswith("**Dry run")
