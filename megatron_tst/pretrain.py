@@ -230,16 +230,24 @@ class StopFlags:
 
 
 def tokenizer_info(config: PretrainConfig):
-    data = config.data
-    if data.tokenizer_type in (None, "NullTokenizer"):
-        vocab = config.model.vocab_size or (config.model.model_preset and config.model.architecture().vocab_size)
-        if not vocab:
-            raise ValueError("NullTokenizer needs --vocab-size (or a --model-preset)")
-        return vocab, vocab - 1
-    from megatron_tst.data.tokenizers import load_tokenizer
+    """(vocabulary size, EOD) of the run's tokenizer, as Megatron-LM builds it."""
+    from megatron_tst.data.tokenizers import VOCAB_SIZE_TYPES, load_tokenizer
 
-    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_file=data.vocab_file,
-                               merge_file=data.merge_file)
+    data, model = config.data, config.model
+    kind = data.tokenizer_type or "NullTokenizer"
+    size = model.vocab_size
+    if kind == "NullTokenizer" and size is None:
+        if not model.model_preset:
+            raise ValueError("NullTokenizer needs --vocab-size N (ids 0..N-1, EOD N), or a --model-preset")
+        size = model.architecture().vocab_size - 1  # the preset's vocabulary, EOD its last id
+    tokenizer = load_tokenizer(kind, data.tokenizer_model, vocab_size=size, vocab_file=data.vocab_file,
+                               merge_file=data.merge_file, tiktoken_pattern=data.tiktoken_pattern,
+                               tiktoken_num_special_tokens=data.tiktoken_num_special_tokens,
+                               special_tokens=data.tokenizer_special_tokens or data.tiktoken_special_tokens)
+    if model.vocab_size is not None and kind not in VOCAB_SIZE_TYPES and model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"--vocab-size {model.vocab_size} differs from the {kind}'s vocabulary of "
+                         f"{tokenizer.vocab_size}; drop --vocab-size (as in Megatron-LM it sizes only "
+                         f"{' and '.join(VOCAB_SIZE_TYPES)})")
     return tokenizer.vocab_size, tokenizer.eod
 
 
@@ -314,9 +322,10 @@ class Run:
         return dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(self.plan) if self.plan else None,
                     parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
                         arch.vocab_size, config.parallel.tensor_model_parallel_size),
-                    tokenizer=dict(type=config.data.tokenizer_type,  # for the HF export
-                                   model=os.path.abspath(config.data.tokenizer_model)
-                                   if config.data.tokenizer_model else None))
+                    tokenizer=dict(type=config.data.tokenizer_type, **{  # for the HF export
+                        name: os.path.abspath(path) if path else None for name, path in (
+                            ("model", config.data.tokenizer_model), ("vocab_file", config.data.vocab_file),
+                            ("merge_file", config.data.merge_file))}))
 
     def save(self, at_iteration: int) -> None:
         save_dir, plan = self.config.checkpoint.save, self.plan

@@ -30,7 +30,7 @@ def exit_duration_worker(rank, world_size, common, whole, stopped):
 
 @pytest.mark.slow
 def test_exit_duration_stops_every_rank_together_and_resumes_bit_identically(corpus, tmp_path):
-    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "511", "--tokenizer-type",
               "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
               "--distributed-timeout-minutes", "2"]
