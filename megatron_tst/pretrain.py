@@ -42,7 +42,9 @@ from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
-from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
+from megatron_tst.optimizer import (
+    ForeachNormChainedOptimizer, fresh_adam_state, mark_decoupled_groups, use_fused_adamw,
+)
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel
 
@@ -116,7 +118,7 @@ def expert_weights_in_expert_optimizer(chunk):
 def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
-    return get_megatron_optimizer(OptimizerConfig(
+    optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
@@ -124,6 +126,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
         fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}),
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
+    mark_decoupled_groups(optimizer)
+    return optimizer
 
 
 def build_optimizer(config: PretrainConfig, chunks, model_config):

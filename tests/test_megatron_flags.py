@@ -569,12 +569,24 @@ def test_rampup_batch_size_grows_the_global_batch_by_megatron_lm_formula_across_
             parse_args(GPT3_STYLE + flags)
 
 
-def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_any_update(tmp_path):
-    """fp16's first steps overflow (skipped: Adam has no state yet); the ramp and the phase switch
-    continue from the checkpoint's consumed samples."""
+@pytest.mark.parametrize("distributed", [False, True], ids=["fp16", "fp16-distributed-optimizer"])
+def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_any_update(tmp_path, distributed):
+    """fp16's first steps overflow (skipped: Adam has no state yet); the ramp, the phase switch and
+    --decoupled-lr's param groups continue from the checkpoint. With megatron-core's distributed
+    optimizer the cut comes after four skipped steps and two updates: the loss scale and both LR
+    groups are restored (megatron-core 0.16.1 alone gives every weight the decoupled LR there,
+    and fails to load the plain optimizer's groups: optimizer.mark_decoupled_groups)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_tst import parallel
+    from megatron_tst.pretrain import resume, setup
+
     argv = MOCK_TINY + ["--global-batch-size", "8", "--train-samples", "60", "--rampup-batch-size", "2", "2", "20",
                         "--tst-bag-size", "2", "--tst-ratio", "0.5", "--fp16", "--initial-loss-scale", "65536",
-                        "--hysteresis", "1", "--loss-scale-window", "3"]
+                        "--hysteresis", "1", "--loss-scale-window", "3", "--decoupled-lr", "3e-3",
+                        "--decoupled-min-lr", "2e-4", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+                        "--lr-warmup-samples", "4"] + (["--use-distributed-optimizer"] if distributed else [])
+    cut_at = 6 if distributed else 3
 
     def rows(save):
         with open(os.path.join(save, "metrics.jsonl")) as handle:
@@ -582,8 +594,40 @@ def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_a
 
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert pretrain.main(argv + ["--save", whole]) == 0
-    assert pretrain.main(argv + ["--save", cut, "--exit-interval", "3"]) == 0
-    assert [grad_norm for _, _, grad_norm in rows(cut)] == [None] * 3  # saved before any update
+    assert pretrain.main(argv + ["--save", cut, "--exit-interval", str(cut_at)]) == 0
+    before = rows(cut)
+    assert [grad_norm is None for _, _, grad_norm in before] == ([True] * 4 + [False] * 2 if distributed else [True] * 3)
+    if distributed:  # what the checkpoint gives back, against Megatron-LM's scaler and megatron-core's scheduler
+        scale, good, updated, previous = 65536.0, 0, 0, 0
+        for _, positions, grad_norm in before:
+            if grad_norm is None:  # hysteresis 1: every overflow halves the scale
+                scale, good = scale / 2, 0
+            else:  # skipped steps do not advance the LR schedule, which counts samples
+                updated += (positions - previous) // 16
+                good += 1
+                if good == 3:
+                    scale, good = scale * 2, 0
+            previous = positions
+        run = setup(parse_args(argv + ["--save", cut]))
+        try:
+            resume(run)
+            assert run.iteration == cut_at and run.optimizer.get_loss_scale().item() == scale == 4096
+            assert run.scheduler.num_steps == updated == 8
+            # the decoupled group holds exactly the input embedding and output layer (fp32 main shards: sizes)
+            groups = [group for group in run.optimizer.param_groups if group["params"]]
+            assert sum(p.numel() for g in groups if g["max_lr"] == 3e-3 for p in g["params"]) == sum(
+                p.numel() for p in run.modules[0].parameters() if getattr(p, "is_embedding_or_output_parameter", 0))
+            for max_lr, min_lr in ((3e-3, 2e-4), (1e-3, 1e-4)):
+                reference = OptimizerParamScheduler(
+                    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), init_lr=0.0, max_lr=max_lr,
+                    min_lr=min_lr, lr_warmup_steps=4, lr_decay_steps=60, lr_decay_style="cosine", start_wd=0.01,
+                    end_wd=0.01, wd_incr_steps=60, wd_incr_style="constant")
+                reference.step(increment=updated)
+                lrs = [group["lr"] for group in groups if group["max_lr"] == max_lr]
+                assert lrs and lrs == pytest.approx([reference.optimizer.param_groups[0]["lr"]] * len(lrs),
+                                                    rel=1e-12, abs=0), max_lr
+        finally:
+            parallel.shutdown()
     assert pretrain.main(argv + ["--save", cut]) == 0
     assert rows(cut) == rows(whole) and len(rows(whole)) == 11
 
