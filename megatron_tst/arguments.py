@@ -299,6 +299,19 @@ class DataOptions:
                                           default_factory=list)
     legacy_tokenizer: bool = _refused("only megatron-core's tokenizers (Megatron-LM's default) are built here; "
                                       "drop it", default=False)
+    tokenizer_sentencepiece_legacy: bool = _refused("SentencePiece's legacy wrapper is not built here (its ids "
+                                                    "differ); drop it", default=False)
+    tokenizer_hf_use_fast: bool = _refused("HuggingFaceTokenizer loads as Megatron-LM's default does; drop it",
+                                           default=False)
+    tokenizer_hf_include_special_tokens: bool = _refused("special tokens are never added to documents here; "
+                                                         "drop it", default=False)
+    trust_remote_code: bool = _refused("tokenizers with remote code are not loaded; drop it", default=False)
+    tokenizer_metadata: str | None = _refused("tokenizer metadata files are not read; drop it", default=None)
+    vocab_extra_ids: int | None = _refused("T5's span-masking ids; a GPT tokenizer has none: drop it", default=None)
+    padded_vocab_size: int | None = _refused("the padded vocabulary is computed (the tokenizer's rounded up to "
+                                             "128 x TP, as Megatron-LM); drop it", default=None)
+    make_vocab_size_divisible_by: int | None = _help("vocabulary padding multiple (x TP): only Megatron-LM's "
+                                                     "default 128 here", default=None)
     no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
                                                           "attention builds the causal mask)", default=False)
     no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
@@ -805,6 +818,9 @@ def check_tokenizer_flags(data: DataOptions) -> None:
                                               ("--tiktoken-special-tokens", data.tiktoken_special_tokens)) if given]
     if tiktoken_only and kind != "TikTokenizer":
         raise ValueError(f"{tiktoken_only[0]} is read here only by --tokenizer-type TikTokenizer; drop it")
+    if data.make_vocab_size_divisible_by not in (None, 128):
+        raise ValueError(f"--make-vocab-size-divisible-by {data.make_vocab_size_divisible_by} is not supported: "
+                         "the vocabulary is padded to a multiple of Megatron-LM's default 128 x TP; drop it")
     if kind == "TikTokenizer" and data.tiktoken_pattern not in TIKTOKEN_PATTERNS:
         raise ValueError(f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2 (as Megatron-LM), "
                          f"not {data.tiktoken_pattern}")
