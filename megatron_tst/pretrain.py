@@ -255,6 +255,14 @@ def tokenizer_info(config: PretrainConfig):
     return tokenizer.vocab_size, tokenizer.eod
 
 
+def tiktoken_settings(data) -> dict | None:
+    """TikTokenizer's flags that change its ids (a resume must keep them)."""
+    if data.tokenizer_type != "TikTokenizer":
+        return None
+    return dict(pattern=data.tiktoken_pattern, num_special_tokens=data.tiktoken_num_special_tokens or 1000,
+                special_tokens=list(data.tokenizer_special_tokens or data.tiktoken_special_tokens))
+
+
 def data_state_matches(saved: dict, current: dict) -> str | None:
     """The data plan of a resumed run must be the one the checkpoint was made with (fields a
     checkpoint does not record, from an older version, are not compared)."""
@@ -394,7 +402,8 @@ def setup(config: PretrainConfig) -> Run:
                dp_size=dp_size,
                data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
                tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
-                                            files=(config.data.vocab_file, config.data.merge_file)))
+                                            files=(config.data.vocab_file, config.data.merge_file),
+                                            settings=tiktoken_settings(config.data)))
 
 
 def resume(run: Run) -> None:

@@ -411,7 +411,7 @@ def test_null_tokenizer_is_megatron_lm_s_vocabulary_n_plus_one_eod_n(tmp_path):
                                                                                    "NullTokenizer"]))
 
 
-def test_tiktokenizer_with_a_local_vocabulary_is_megatron_core_s_and_trains(tmp_path):
+def test_tiktokenizer_with_a_local_vocabulary_is_megatron_core_s_and_trains(tmp_path, capsys):
     """TikTokenizer as Megatron-LM's pretrain_gpt.py and preprocess_data.py build it (megatron-core's): the ids
     against tiktoken itself, ranks shifted past the special tokens, --tiktoken-pattern v1/v2 honoured,
     EOD </s>; preprocessed and trained a few steps."""
@@ -466,6 +466,11 @@ def test_tiktokenizer_with_a_local_vocabulary_is_megatron_core_s_and_trains(tmp_
                           "--log-interval", "1", "--save", save, *flags]) == 0
     with open(os.path.join(save, "iter_0000002", "run_config.json")) as handle:
         assert json.load(handle)["model"]["vocab_size"] == size
+    capsys.readouterr()
+    resumed = ["--model-preset", "tiny", "--data-path", prefix + "_text_document", "--seq-length", "16",
+               "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--save", save]
+    assert pretrain.main(resumed + [flag if flag != "v2" else "v1" for flag in flags]) == 1  # other ids
+    assert "tokenizer.settings.pattern is 'v1' but the checkpoint was made with 'v2'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="^TikTokenizer: --vocab-size 300 minus 10 special tokens needs 290 ranks"):
         load_tokenizer("TikTokenizer", str(vocab), vocab_size=300, tiktoken_pattern="v2",
                        tiktoken_num_special_tokens=reserved)
