@@ -20,11 +20,13 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "tokenizers", "matplotlib",  # matplotlib: tools/tst_report.py
                  "lm-eval", "accelerate",  # the lm-eval harness test (accelerate: its HF model class)
-                 "wandb"],  # tests/test_wandb.py, offline
+                 "wandb",  # tests/test_wandb.py, offline
+                 "tiktoken"],  # the TikTokenizer test (a hand-made vocabulary, offline)
         "hf": ["transformers", "safetensors", "tokenizers"],
         "te": ["transformer-engine[pytorch]"],
         "plots": ["matplotlib"],
         "tb": ["tensorboard"],
-        "wandb": ["wandb"],  # --wandb-project (tested with 0.31.0 offline)
+        "wandb": ["wandb"],
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer  # --wandb-project (tested with 0.31.0 offline)
     },
 )

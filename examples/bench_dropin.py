@@ -42,7 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8191, help="--vocab-size (NullTokenizer)")
+    parser.add_argument("--vocab", type=int, default=8191, help="NullTokenizer's --vocab-size N (vocabulary N+1)")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=8)

@@ -54,7 +54,9 @@ class ModelOptions:
     num_query_groups: int | None = _help("key/value heads; given alone it also means grouped-query attention",
                                          default=None)
     kv_channels: int | None = _help("head dimension (default hidden / heads)", default=None)
-    vocab_size: int | None = _help("vocabulary size (default: the tokenizer's)", default=None)
+    vocab_size: int | None = _help("NullTokenizer's ids before its EOD (vocabulary N+1, EOD N, as Megatron-LM) or "
+                                   "TikTokenizer's vocabulary; with another tokenizer it must equal its size",
+                                   default=None)
     seq_length: int = _help("latent positions per sample (the model's sequence length)", default=1024)
     max_position_embeddings: int | None = _help("defaults to --seq-length", default=None)
     position_embedding_type: str | None = _help("learned_absolute (Megatron-LM's default) or rope "
@@ -143,14 +145,14 @@ class ModelOptions:
 
     def architecture(self, vocab_size: int | None = None) -> GPTArchitecture:
         """The model the flags describe: the preset's shape with the flags' changes, or, without a
-        preset, Megatron-LM's GPT with its defaults. ``vocab_size`` (the tokenizer's) replaces the
-        preset's; --vocab-size wins over both."""
+        preset, Megatron-LM's GPT with its defaults. ``vocab_size`` (the tokenizer's, which
+        --vocab-size sets for NullTokenizer) wins over --vocab-size and the preset's."""
         base = preset(self.model_preset) if self.model_preset else None
         shape_fields = {f.name for f in dataclasses.fields(GPTArchitecture)}
         switches = ("untie_embeddings_and_output_weights", "qk_layernorm", "swiglu", "apply_layernorm_1p")
         given = {k: v for k, v in dataclasses.asdict(self).items()
                  if k in shape_fields and v is not None and k not in switches}
-        if vocab_size is not None and self.vocab_size is None:
+        if vocab_size is not None:
             given["vocab_size"] = vocab_size
         if self.untie_embeddings_and_output_weights and self.tie_embeddings_and_output_weights:
             raise ValueError("--untie-embeddings-and-output-weights and --tie-embeddings-and-output-weights "
@@ -275,8 +277,9 @@ class DataOptions:
     data_path: list = _help("dataset prefix, or 'w1 prefix1 w2 prefix2 ...'", default_factory=list)
     split: str = _help("train,valid,test document split", default="969,30,1")
     tokenizer_type: str | None = _help("SentencePieceTokenizer (GPTSentencePieceTokenizer, Llama2Tokenizer), "
-                                       "HuggingFaceTokenizer (a local folder or tokenizer.json), GPT2BPETokenizer "
-                                       "or NullTokenizer; Megatron-LM's others are refused", default=None)
+                                       "HuggingFaceTokenizer (a local folder or tokenizer.json), GPT2BPETokenizer, "
+                                       "TikTokenizer or NullTokenizer; Megatron-LM's BERT and multimodal ones are "
+                                       "refused", default=None)
     tokenizer_model: str | None = _help("tokenizer file or folder", default=None)
     eod_mask_loss: bool = _help("do not train on the token that follows an EOD", default=False)
     allow_data_repetition: bool = _help("let a phase read its documents more than once", default=False)
@@ -286,7 +289,29 @@ class DataOptions:
     vocab_file: str | None = _help("GPT-2 vocab.json (with --tokenizer-type GPT2BPETokenizer, the default when "
                                    "--vocab-file and --merge-file are given)", default=None)
     merge_file: str | None = _help("GPT-2 merges.txt (with --tokenizer-type GPT2BPETokenizer)", default=None)
-    tiktoken_pattern: str | None = _refused("TikTokenizer is not supported; drop it", default=None)
+    tiktoken_pattern: str | None = _help("TikTokenizer's split pattern, v1 or v2 (needed with it, as Megatron-LM; "
+                                         "other tokenizers do not read it, as in Megatron-LM)", default=None)
+    tiktoken_num_special_tokens: int | None = _help("TikTokenizer: ids 0..N-1 are special tokens, the ranks follow "
+                                                    "(default 1000, as Megatron-LM)", default=None)
+    tokenizer_special_tokens: list = _help("TikTokenizer's special tokens in id order (with <unk> <s> </s> <mask> "
+                                           "<pad> <cls> <sep>; </s> is the EOD)", default_factory=list)
+    tiktoken_special_tokens: list = _help("Megatron-LM's deprecated name of --tokenizer-special-tokens",
+                                          default_factory=list)
+    legacy_tokenizer: bool = _refused("only megatron-core's tokenizers (Megatron-LM's default) are built here; "
+                                      "drop it", default=False)
+    tokenizer_sentencepiece_legacy: bool = _refused("SentencePiece's legacy wrapper is not built here (its ids "
+                                                    "differ); drop it", default=False)
+    tokenizer_hf_use_fast: bool = _refused("HuggingFaceTokenizer loads as Megatron-LM's default does; drop it",
+                                           default=False)
+    tokenizer_hf_include_special_tokens: bool = _refused("special tokens are never added to documents here; "
+                                                         "drop it", default=False)
+    trust_remote_code: bool = _refused("tokenizers with remote code are not loaded; drop it", default=False)
+    tokenizer_metadata: str | None = _refused("tokenizer metadata files are not read; drop it", default=None)
+    vocab_extra_ids: int | None = _refused("T5's span-masking ids; a GPT tokenizer has none: drop it", default=None)
+    padded_vocab_size: int | None = _refused("the padded vocabulary is computed (the tokenizer's rounded up to "
+                                             "128 x TP, as Megatron-LM); drop it", default=None)
+    make_vocab_size_divisible_by: int | None = _help("vocabulary padding multiple (x TP): only Megatron-LM's "
+                                                     "default 128 here", default=None)
     no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
                                                           "attention builds the causal mask)", default=False)
     no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
@@ -769,9 +794,13 @@ def loss_scaling(training: TrainingOptions) -> dict:
 
 
 def check_tokenizer_flags(data: DataOptions) -> None:
-    from megatron_tst.data.tokenizers import SENTENCEPIECE_ALIASES, TOKENIZER_TYPES
+    from megatron_tst.data.tokenizers import (
+        REFUSED_TYPES, SENTENCEPIECE_ALIASES, TIKTOKEN_PATTERNS, TOKENIZER_TYPES,
+    )
 
     kind = data.tokenizer_type
+    if kind in REFUSED_TYPES:
+        raise ValueError(f"--tokenizer-type {kind} is not supported: {REFUSED_TYPES[kind]}")
     if kind is not None and kind not in TOKENIZER_TYPES + SENTENCEPIECE_ALIASES:
         raise ValueError(f"--tokenizer-type {kind} is not supported (this GPT pretraining takes "
                          f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}); convert it to a HuggingFace "
@@ -784,6 +813,17 @@ def check_tokenizer_flags(data: DataOptions) -> None:
     if kind == "GPT2BPETokenizer" and data.tokenizer_model:
         raise ValueError("--tokenizer-model does not go with GPT2BPETokenizer (it reads --vocab-file and "
                          "--merge-file); drop it")
+    tiktoken_only = [flag for flag, given in (("--tiktoken-num-special-tokens", data.tiktoken_num_special_tokens),
+                                              ("--tokenizer-special-tokens", data.tokenizer_special_tokens),
+                                              ("--tiktoken-special-tokens", data.tiktoken_special_tokens)) if given]
+    if tiktoken_only and kind != "TikTokenizer":
+        raise ValueError(f"{tiktoken_only[0]} is read here only by --tokenizer-type TikTokenizer; drop it")
+    if data.make_vocab_size_divisible_by not in (None, 128):
+        raise ValueError(f"--make-vocab-size-divisible-by {data.make_vocab_size_divisible_by} is not supported: "
+                         "the vocabulary is padded to a multiple of Megatron-LM's default 128 x TP; drop it")
+    if kind == "TikTokenizer" and data.tiktoken_pattern not in TIKTOKEN_PATTERNS:
+        raise ValueError(f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2 (as Megatron-LM), "
+                         f"not {data.tiktoken_pattern}")
 
 
 def check_fp8_settings(model: ModelOptions, par: ParallelOptions) -> None:

@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 import megatron_tst
 from megatron_tst import orphan
+from megatron_tst.optimizer import mark_decoupled_groups
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.json"
@@ -280,6 +281,7 @@ def load(root: str, model_chunks, optimizer, scheduler, iteration: int | None = 
     for index, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{index}"])
     if load_optimizer and optimizer is not None:
+        mark_decoupled_groups(loaded["optimizer"])  # also a checkpoint saved before the flag was set
         optimizer.load_state_dict(_with_zero_step(loaded["optimizer"]))
     elif optimizer is not None:
         optimizer.reload_model_params()  # fresh optimizer state around the loaded weights

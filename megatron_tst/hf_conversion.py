@@ -325,19 +325,32 @@ def superposition_reason(run_config: dict) -> str | None:
     return None
 
 
-def tokenizer_of(run_config: dict, tokenizer_type: str | None, tokenizer_model: str | None) -> tuple[str, str]:
+def tokenizer_of(run_config: dict, tokenizer_type: str | None, tokenizer_model: str | None,
+                 vocab_file: str | None = None, merge_file: str | None = None) -> dict:
+    """The tokenizer to export: given explicitly, else the one the run recorded (type, model, and for
+    GPT2BPETokenizer its vocab.json and merges.txt)."""
     recorded = run_config.get("tokenizer") or {}
-    if not tokenizer_model:  # an explicit --tokenizer-model replaces what the run recorded
+    if not (tokenizer_model or vocab_file or merge_file):  # explicit files replace what the run recorded
         tokenizer_type, tokenizer_model = tokenizer_type or recorded.get("type"), recorded.get("model")
+        vocab_file, merge_file = recorded.get("vocab_file"), recorded.get("merge_file")
+    if (vocab_file or merge_file) and not tokenizer_type:
+        tokenizer_type = "GPT2BPETokenizer"
     if tokenizer_model and not tokenizer_type:
         tokenizer_type = ("SentencePieceTokenizer" if str(tokenizer_model).endswith(".model")
                           else "HuggingFaceTokenizer")
-    if tokenizer_type in (None, "NullTokenizer") or not tokenizer_model:
+    if tokenizer_type == "TikTokenizer":
+        raise ConversionError("a TikTokenizer run: no Hugging Face tokenizer is written from a tiktoken vocabulary; "
+                              "pass --tokenizer-model of a HuggingFace tokenizer with the same ids")
+    files = {"--vocab-file": vocab_file, "--merge-file": merge_file} if tokenizer_type == "GPT2BPETokenizer" \
+        else {"--tokenizer-model": tokenizer_model}
+    if tokenizer_type in (None, "NullTokenizer") or not all(files.values()):
         raise ConversionError("no tokenizer: the run did not record one (NullTokenizer or an older run); "
-                              "pass --tokenizer-model (and --tokenizer-type) of the tokenizer the data was made with")
-    if not os.path.exists(tokenizer_model):
-        raise ConversionError(f"tokenizer {tokenizer_model} not found; pass --tokenizer-model with its current path")
-    return tokenizer_type, tokenizer_model
+                              "pass --tokenizer-model (and --tokenizer-type), or --vocab-file and --merge-file, of "
+                              "the tokenizer the data was made with")
+    for flag, path in files.items():
+        if not os.path.exists(path):
+            raise ConversionError(f"tokenizer {path} not found; pass {flag} with its current path")
+    return dict(type=tokenizer_type, model=tokenizer_model, vocab_file=vocab_file, merge_file=merge_file)
 
 
 def _hf_layer_tensors(reader: CheckpointReader, model: dict, model_type: str, dtype: torch.dtype):
@@ -409,7 +422,8 @@ def _hf_layer_tensors(reader: CheckpointReader, model: dict, model_type: str, dt
 
 def to_hf(checkpoint: str, output: str, model_type: str = "auto", dtype: str | None = None,
           overwrite: bool = False, allow_superposition: bool = False, tokenizer_type: str | None = None,
-          tokenizer_model: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+          tokenizer_model: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+          vocab_file: str | None = None, merge_file: str | None = None) -> str:
     """Export the checkpoint at ``checkpoint`` (a --save directory or an iter_* folder) to ``output``."""
     directory = resolve_checkpoint(checkpoint)
     with open(os.path.join(directory, checkpointing.RUN_CONFIG)) as handle:
@@ -423,7 +437,7 @@ def to_hf(checkpoint: str, output: str, model_type: str = "auto", dtype: str | N
     model_type = pick_model_type(model, model_type)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
-    tokenizer = tokenizer_of(run_config, tokenizer_type, tokenizer_model)
+    tokenizer = tokenizer_of(run_config, tokenizer_type, tokenizer_model, vocab_file, merge_file)
     reader = CheckpointReader(directory)
     embedding_key = reader.find("embedding")
     if embedding_key is None:
@@ -440,7 +454,8 @@ def to_hf(checkpoint: str, output: str, model_type: str = "auto", dtype: str | N
         try:
             token_ids = _save_tokenizer(tokenizer, partial, vocab)
         except (ValueError, OSError) as error:
-            raise ConversionError(f"tokenizer {tokenizer[1]}: {' '.join(str(error).split())}") from None
+            raise ConversionError(f"tokenizer {tokenizer['model'] or tokenizer['vocab_file']}: "
+                                  f"{' '.join(str(error).split())}") from None
         config = hf_config(model, model_type, target_dtype, token_ids)
         writer = ShardedSafetensorsWriter(partial, max_shard_bytes)
         writer.add("model.embed_tokens.weight", reader.load(embedding_key)[:vocab].to(target_dtype))
@@ -456,10 +471,11 @@ def to_hf(checkpoint: str, output: str, model_type: str = "auto", dtype: str | N
     return os.path.abspath(output)
 
 
-def _save_tokenizer(tokenizer: tuple[str, str], directory: str, vocab_size: int) -> dict:
+def _save_tokenizer(tokenizer: dict, directory: str, vocab_size: int) -> dict:
     from megatron_tst.hf_tokenizer import save_tokenizer
 
-    return save_tokenizer(tokenizer[0], tokenizer[1], directory, vocab_size)
+    return save_tokenizer(tokenizer["type"], tokenizer["model"], directory, vocab_size,
+                          vocab_file=tokenizer["vocab_file"], merge_file=tokenizer["merge_file"])
 
 
 # ----------------------------------------------------------------------------------------- from-hf

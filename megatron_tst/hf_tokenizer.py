@@ -5,6 +5,9 @@
   SentencePiece's ``encode_as_ids`` (what Megatron's SentencePieceTokenizer gives, no BOS added).
   The .model is parsed with a few lines of protobuf wire decoding: the ``protobuf`` package that
   transformers' own converter needs is not a dependency here.
+- GPT2BPETokenizer's vocab.json and merges.txt: the byte-level BPE training ran (``data.tokenizers``)
+  wrapped as transformers' GPT2TokenizerFast (``<|endoftext|>`` its bos/eos/unk, no prefix space, no
+  BOS added: Megatron-LM's ids).
 - A HuggingFace folder is loaded with AutoTokenizer and saved again; a bare ``tokenizer.json`` is
   wrapped as a fast tokenizer with its end-of-text token as eos.
 """
@@ -137,19 +140,25 @@ def sentencepiece_to_tokenizers(path: str):
     return tokenizer, pieces
 
 
-def save_tokenizer(tokenizer_type: str, tokenizer_model: str, output: str, vocab_size: int) -> dict:
+def save_tokenizer(tokenizer_type: str, tokenizer_model: str | None, output: str, vocab_size: int,
+                   vocab_file: str | None = None, merge_file: str | None = None) -> dict:
     """Write AutoTokenizer-loadable files into ``output``; returns {"bos_token_id", "eos_token_id"}.
 
     Raises ValueError/FileNotFoundError with a one-line message on a missing or unusable tokenizer.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
     from megatron_tst.data.tokenizers import SENTENCEPIECE_ALIASES, load_tokenizer
 
     if tokenizer_type in SENTENCEPIECE_ALIASES:
         tokenizer_type = "SentencePieceTokenizer"
-    ours = load_tokenizer(tokenizer_type, tokenizer_model)  # what training used: its eod is the eos
-    if tokenizer_type == "SentencePieceTokenizer":
+    # what training used: its eod is the eos
+    ours = load_tokenizer(tokenizer_type, tokenizer_model, vocab_file=vocab_file, merge_file=merge_file)
+    if tokenizer_type == "GPT2BPETokenizer":
+        tokenizer = GPT2TokenizerFast(tokenizer_object=ours._tokenizer, add_prefix_space=False,
+                                      clean_up_tokenization_spaces=False)
+        tokenizer_model = vocab_file  # named in the size check below
+    elif tokenizer_type == "SentencePieceTokenizer":
         backend, pieces = sentencepiece_to_tokenizers(tokenizer_model)
         by_id = {index: piece for index, (piece, _, _) in enumerate(pieces)}
         kinds = {kind: piece for piece, _, kind in reversed(pieces)}

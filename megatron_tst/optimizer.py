@@ -17,6 +17,7 @@ synchronisation per parameter tensor). Here, by extension only:
   in place with one ``torch._foreach_mul_`` per inner optimizer: megatron-core's fallback without
   Apex (``local_multi_tensor_scale``) writes a scaled copy of every gradient and copies it back,
   twice the memory traffic and a temporary the size of the largest gradient (the embedding's).
+- ``mark_decoupled_groups``: --decoupled-lr's param groups resume with their own LR (below).
 """
 
 from __future__ import annotations
@@ -27,6 +28,31 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.utils import to_local_if_dtensor
+
+
+def mark_decoupled_groups(optimizer_or_state) -> None:
+    """megatron-core 0.16.1 leaves ``is_decoupled_lr`` False on --decoupled-lr's param groups, yet its
+    checkpoint loader pairs saved and current groups by (wd_mult, lr_mult, is_expert_parallel,
+    is_decoupled_lr) alone: on resume the embedding/output group and the default one collide (the
+    plain optimizer fails to load, the distributed one silently gives every weight the decoupled LR;
+    Megatron-LM core_v0.16.1 does the same, fixed upstream later, NVIDIA/Megatron-LM#4705). The groups
+    with an LR of their own (``default_config`` False: only --decoupled-lr's here) get the flag: an
+    optimizer's, and a loaded state dict's (so checkpoints saved without the flag load too)."""
+    if hasattr(optimizer_or_state, "param_groups"):
+        groups = optimizer_or_state.param_groups
+    else:  # a (nested) optimizer state dict
+        groups, stack = [], [optimizer_or_state]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                if isinstance(item.get("param_groups"), list):
+                    groups += item["param_groups"]
+                stack += [v for k, v in item.items() if k not in ("param_groups", "state")]
+            elif isinstance(item, (list, tuple)):
+                stack += list(item)
+    for group in groups:
+        if isinstance(group, dict) and not group.get("default_config", True):
+            group["is_decoupled_lr"] = True
 
 
 def torch_adams(optimizer) -> list[torch.optim.Optimizer]:

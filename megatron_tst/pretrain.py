@@ -42,7 +42,9 @@ from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
-from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
+from megatron_tst.optimizer import (
+    ForeachNormChainedOptimizer, fresh_adam_state, mark_decoupled_groups, use_fused_adamw,
+)
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel
 
@@ -116,7 +118,7 @@ def expert_weights_in_expert_optimizer(chunk):
 def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
-    return get_megatron_optimizer(OptimizerConfig(
+    optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
@@ -124,6 +126,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
         fp16=config.model.fp16, **(loss_scaling(training) if config.model.fp16 else {}),
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
     ), chunks)
+    mark_decoupled_groups(optimizer)
+    return optimizer
 
 
 def build_optimizer(config: PretrainConfig, chunks, model_config):
@@ -230,17 +234,33 @@ class StopFlags:
 
 
 def tokenizer_info(config: PretrainConfig):
-    data = config.data
-    if data.tokenizer_type in (None, "NullTokenizer"):
-        vocab = config.model.vocab_size or (config.model.model_preset and config.model.architecture().vocab_size)
-        if not vocab:
-            raise ValueError("NullTokenizer needs --vocab-size (or a --model-preset)")
-        return vocab, vocab - 1
-    from megatron_tst.data.tokenizers import load_tokenizer
+    """(vocabulary size, EOD) of the run's tokenizer, as Megatron-LM builds it."""
+    from megatron_tst.data.tokenizers import VOCAB_SIZE_TYPES, load_tokenizer
 
-    tokenizer = load_tokenizer(data.tokenizer_type, data.tokenizer_model, vocab_file=data.vocab_file,
-                               merge_file=data.merge_file)
+    data, model = config.data, config.model
+    kind = data.tokenizer_type or "NullTokenizer"
+    size = model.vocab_size
+    if kind == "NullTokenizer" and size is None:
+        if not model.model_preset:
+            raise ValueError("NullTokenizer needs --vocab-size N (ids 0..N-1, EOD N), or a --model-preset")
+        size = model.architecture().vocab_size - 1  # the preset's vocabulary, EOD its last id
+    tokenizer = load_tokenizer(kind, data.tokenizer_model, vocab_size=size, vocab_file=data.vocab_file,
+                               merge_file=data.merge_file, tiktoken_pattern=data.tiktoken_pattern,
+                               tiktoken_num_special_tokens=data.tiktoken_num_special_tokens,
+                               special_tokens=data.tokenizer_special_tokens or data.tiktoken_special_tokens)
+    if model.vocab_size is not None and kind not in VOCAB_SIZE_TYPES and model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"--vocab-size {model.vocab_size} differs from the {kind}'s vocabulary of "
+                         f"{tokenizer.vocab_size}; drop --vocab-size (as in Megatron-LM it sizes only "
+                         f"{' and '.join(VOCAB_SIZE_TYPES)})")
     return tokenizer.vocab_size, tokenizer.eod
+
+
+def tiktoken_settings(data) -> dict | None:
+    """TikTokenizer's flags that change its ids (a resume must keep them)."""
+    if data.tokenizer_type != "TikTokenizer":
+        return None
+    return dict(pattern=data.tiktoken_pattern, num_special_tokens=data.tiktoken_num_special_tokens or 1000,
+                special_tokens=list(data.tokenizer_special_tokens or data.tiktoken_special_tokens))
 
 
 def data_state_matches(saved: dict, current: dict) -> str | None:
@@ -314,9 +334,10 @@ class Run:
         return dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(self.plan) if self.plan else None,
                     parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
                         arch.vocab_size, config.parallel.tensor_model_parallel_size),
-                    tokenizer=dict(type=config.data.tokenizer_type,  # for the HF export
-                                   model=os.path.abspath(config.data.tokenizer_model)
-                                   if config.data.tokenizer_model else None))
+                    tokenizer=dict(type=config.data.tokenizer_type, **{  # for the HF export
+                        name: os.path.abspath(path) if path else None for name, path in (
+                            ("model", config.data.tokenizer_model), ("vocab_file", config.data.vocab_file),
+                            ("merge_file", config.data.merge_file))}))
 
     def save(self, at_iteration: int) -> None:
         save_dir, plan = self.config.checkpoint.save, self.plan
@@ -381,7 +402,8 @@ def setup(config: PretrainConfig) -> Run:
                dp_size=dp_size,
                data_files=[] if config.data.mock_data else dataset_files_identity(config.data.data_path),
                tokenizer=tokenizer_identity(config.data.tokenizer_type, config.data.tokenizer_model, vocab_size, eod,
-                                            files=(config.data.vocab_file, config.data.merge_file)))
+                                            files=(config.data.vocab_file, config.data.merge_file),
+                                            settings=tiktoken_settings(config.data)))
 
 
 def resume(run: Run) -> None:

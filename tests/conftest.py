@@ -22,6 +22,7 @@ def pytest_configure(config):
 
 
 VOCAB, EOD = 512, 511
+NULL_VOCAB = EOD  # NullTokenizer's --vocab-size for this corpus: ids below N, EOD N (Megatron-LM's)
 
 
 @pytest.fixture(scope="session")

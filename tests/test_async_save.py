@@ -21,7 +21,7 @@ def tensors(directory, tmp_path):
 
 
 def test_async_save_returns_early_writes_what_a_sync_save_writes_and_resumes_identically(corpus, tmp_path):
-    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "511", "--tokenizer-type",
               "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1"]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import VOCAB, write_corpus
+from tests.conftest import NULL_VOCAB, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -148,7 +148,7 @@ def corpus_copy(setup, tmp_path):
 
 
 def fresh_command(setup, prefix, tmp_path, *extra):
-    return [*TINY, "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+    return [*TINY, "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(NULL_VOCAB),
             "--train-iters", "8", "--save", str(tmp_path / "fresh"), *extra]
 
 
@@ -188,10 +188,10 @@ def test_damaged_dataset_files(setup, tmp_path, damage, fragments):
 def test_tokenizer_smaller_than_the_data(setup, tmp_path):
     prefix = corpus_copy(setup, tmp_path)
     command = fresh_command(setup, prefix, tmp_path)
-    command[command.index("--vocab-size") + 1] = "400"  # the corpus holds ids up to 511
+    command[command.index("--vocab-size") + 1] = "400"  # NullTokenizer: ids 0..400 (EOD 400); the corpus holds 511
     before = snapshot(os.path.dirname(prefix))
     assert_one_line_error(cli(*command), f"{prefix}.bin holds token id 511 but the tokenizer's vocabulary has "
-                          "only 400 ids", "preprocess it again with this one")
+                          "only 401 ids", "preprocess it again with this one")
     assert snapshot(os.path.dirname(prefix)) == before and not os.path.exists(tmp_path / "fresh")
 
 

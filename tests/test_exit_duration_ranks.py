@@ -1,7 +1,7 @@
 """--exit-duration-in-mins across ranks (gloo, DP=2): the rank whose clock runs out decides for all
 (an all-reduce of the decision, as Megatron-LM), every rank saves and stops after the same step,
 and the same command resumes bit-identically; its checkpoints written with --async-save on both
-ranks."""
+ranks, the run in fp16 with the distributed optimizer (its shards, the loss scale)."""
 
 import json
 import os
@@ -30,10 +30,12 @@ def exit_duration_worker(rank, world_size, common, whole, stopped):
 
 @pytest.mark.slow
 def test_exit_duration_stops_every_rank_together_and_resumes_bit_identically(corpus, tmp_path):
-    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "511", "--tokenizer-type",
               "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
-              "--distributed-timeout-minutes", "2"]
+              "--distributed-timeout-minutes", "2",
+              # and fp16 with megatron-core's distributed optimizer sharded over the two ranks (issue 21)
+              "--fp16", "--initial-loss-scale", "256", "--loss-scale-window", "1", "--use-distributed-optimizer"]
     whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
     stops = run_distributed(exit_duration_worker, 2, common, whole, stopped, timeout=300)
     # each rank: saved and stopped after one step, three times, on rank 0's budget alone
@@ -45,3 +47,5 @@ def test_exit_duration_stops_every_rank_together_and_resumes_bit_identically(cor
             return [(row["iteration"], row["loss"]) for row in map(json.loads, handle) if "loss" in row]
 
     assert losses(stopped) == losses(whole) and len(losses(whole)) == 3  # dropout on: RNG resumed per rank
+    with open(os.path.join(whole, "metrics.jsonl")) as handle:
+        assert all(row["grad_norm"] is not None for row in map(json.loads, handle) if "loss" in row)  # fp16 updated

@@ -153,9 +153,9 @@ def test_fused_mce_at_s_1_is_bit_identical_to_megatron_core_on_cuda(single_rank)
 # ---- the two-phase launcher on one GPU ---------------------------------------------------------------
 
 def _launch_argv(corpus, save, iters=36):
-    from tests.conftest import VOCAB
+    from tests.conftest import NULL_VOCAB
 
-    return [sys.executable, "-m", "megatron_tst.launch", "--model-preset", "tiny", "--vocab-size", str(VOCAB),
+    return [sys.executable, "-m", "megatron_tst.launch", "--model-preset", "tiny", "--vocab-size", str(NULL_VOCAB),
             "--tokenizer-type", "NullTokenizer", "--data-path", corpus, "--seq-length", "64",
             "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", str(iters), "--lr", "3e-3",
             "--lr-warmup-iters", "3", "--log-interval", "1", "--eval-interval", "12", "--eval-iters", "2",
@@ -228,7 +228,7 @@ def test_transformer_engine_spec_and_fp8_steps_through_pretrain(corpus, tmp_path
 def test_fp16_ramp_workers_and_profile_on_mock_data_on_one_gpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     save = str(tmp_path / "run")
-    argv = [sys.executable, "-m", "megatron_tst.pretrain", "--model-preset", "tiny", "--vocab-size", "512",
+    argv = [sys.executable, "-m", "megatron_tst.pretrain", "--model-preset", "tiny", "--vocab-size", "511",
             "--tokenizer-type", "NullTokenizer", "--mock-data", "--seq-length", "64", "--micro-batch-size", "4",
             "--global-batch-size", "16", "--train-samples", "320", "--rampup-batch-size", "4", "4", "64",
             "--lr", "1e-3", "--log-interval", "1", "--fp16", "--initial-loss-scale", "4096", "--num-workers", "2",

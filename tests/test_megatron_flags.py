@@ -110,9 +110,7 @@ TOKENIZER = {"llama3_8b_mock_data": "NullTokenizer", "llama3_8b_real_data": "Hug
 
 # What is refused, by recipe: not implemented yet (validate), or not runnable on a machine without
 # Transformer Engine (check_environment)
-REFUSED = {
-    "--tiktoken-pattern", "--no-mmap-bin-files",
-}
+REFUSED = {"--no-mmap-bin-files"}
 NEEDS_TE = {"--apply-layernorm-1p", "--fp8-format", "--moe-grouped-gemm"}
 NEEDS_WANDB = set() if importlib.util.find_spec("wandb") else {"--wandb-project"}  # its package, not installed
 FP8_SETTINGS = {"--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather"}
@@ -256,7 +254,7 @@ def test_decoupled_lr_gives_the_embedding_and_output_layer_their_own_schedule(si
 
 def test_profile_writes_a_torch_profiler_trace_of_the_steps_asked_for(corpus, tmp_path):
     traced = tmp_path / "run" / "profile"  # without --tensorboard-dir (not installed here): <save>/profile
-    argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path",
+    argv = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--data-path",
             corpus, "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters",
             "4", "--profile", "--profile-step-start", "1", "--profile-step-end", "3"]
     assert pretrain.main(argv + ["--save", str(tmp_path / "run"), "--profile-ranks", "0"]) == 0
@@ -279,7 +277,7 @@ def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents_and_num
     from megatron_tst.tst import TSTPlan
 
     save = str(tmp_path / "run")
-    argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--mock-data",
+    argv = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--mock-data",
             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4",
             "--log-interval", "1", "--tst-bag-size", "2", "--tst-ratio", "0.5", "--save", save]
     assert pretrain.main(argv) == 0
@@ -354,7 +352,21 @@ def test_gpt2_bpe_tokenizer_from_vocab_and_merge_files_preprocesses_and_trains(t
     with open(os.path.join(save, "iter_0000003", "run_config.json")) as handle:
         run_config = json.load(handle)
     assert (run_config["model"]["vocab_size"], run_config["tokenizer"]["type"]) == (ours.vocab_size, "GPT2BPETokenizer")
-    for flags, message in ((["--tokenizer-type", "BertWordPieceCase"], "^--tokenizer-type BertWordPieceCase is not supported"),
+    # the HF export writes the recorded pair as transformers' GPT2TokenizerFast, Megatron-LM's ids and EOD
+    from transformers import AutoConfig, AutoTokenizer, GPT2TokenizerFast
+
+    from megatron_tst.hf_conversion import to_hf
+
+    exported = to_hf(save, str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(exported)
+    assert isinstance(hf, GPT2TokenizerFast) and hf.eos_token_id == AutoConfig.from_pretrained(exported).eos_token_id
+    assert [hf(text)["input_ids"] for text in texts[:20]] == ours.tokenize_batch(texts[:20])
+    assert hf.eos_token_id == ours.eod and hf.decode(ours.tokenize(texts[3])) == texts[3]
+    with pytest.raises(ValueError, match=f"^--vocab-size 999 differs from the GPT2BPETokenizer's vocabulary of "
+                                         f"{ours.vocab_size}; drop --vocab-size"):  # Megatron-LM would ignore it
+        pretrain.tokenizer_info(parse_args(argv + ["--vocab-size", "999"]))
+    for flags, message in ((["--tokenizer-type", "BertWordPieceCase"],
+                            "^--tokenizer-type BertWordPieceCase is not supported: a BERT WordPiece tokenizer"),
                            (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab], "needs --vocab-file and --merge-file"),
                            (["--tokenizer-type", "SentencePieceTokenizer", "--merge-file", merges],
                             "^--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer")):
@@ -362,7 +374,121 @@ def test_gpt2_bpe_tokenizer_from_vocab_and_merge_files_preprocesses_and_trains(t
             parse_args(GPT3_STYLE + flags)
 
 
-MOCK_TINY = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--mock-data",
+def test_null_tokenizer_is_megatron_lm_s_vocabulary_n_plus_one_eod_n(tmp_path):
+    """--tokenizer-type NullTokenizer --vocab-size N as Megatron-LM builds it (megatron-core's build_tokenizer,
+    what its preprocess_data.py uses; its training's _NullTokenizer has the same definition): in training,
+    in our preprocess_data.py and in the .bin dtype."""
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+    from megatron_tst.models import preset
+    from tests.test_tools import preprocess_data
+
+    reference = build_tokenizer(SimpleNamespace(tokenizer_type="NullTokenizer", vocab_size=300))
+    config = parse_args(["--model-preset", "tiny", "--seq-length", "16", "--mock-data", "--tokenizer-type",
+                         "NullTokenizer", "--vocab-size", "300"])
+    assert pretrain.tokenizer_info(config) == (reference.vocab_size, reference.eod)
+    assert config.model.architecture(vocab_size=reference.vocab_size).vocab_size == reference.vocab_size
+    texts = ["1 2 3", "299 0 7 8"]
+    corpus = tmp_path / "null.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    argv = ["--input", str(corpus), "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--append-eod"]
+    assert preprocess_data.main(argv + ["--output-prefix", str(tmp_path / "null")]) == 0
+    indexed = IndexedDataset(str(tmp_path / "null_text_document"))
+    assert [indexed[i].tolist() for i in range(2)] == [reference.tokenize(t) + [reference.eod] for t in texts]
+    assert indexed.index.dtype == DType.optimal_dtype(reference.vocab_size)
+    corpus.write_text(json.dumps({"text": "1 301"}) + "\n")  # beyond the vocabulary
+    assert preprocess_data.main(argv + ["--output-prefix", str(tmp_path / "bad")]) == 1
+    # without --vocab-size a preset's vocabulary is kept, its last id the EOD; without either, refused
+    tiny = preset("tiny").vocab_size
+    assert pretrain.tokenizer_info(parse_args(["--model-preset", "tiny", "--seq-length", "16", "--mock-data"])) \
+        == (tiny, tiny - 1)
+    at = GPT3_STYLE.index("--vocab-size")
+    with pytest.raises(ValueError, match="^NullTokenizer needs --vocab-size N"):
+        pretrain.tokenizer_info(parse_args(GPT3_STYLE[:at] + GPT3_STYLE[at + 2:] + ["--mock-data", "--tokenizer-type",
+                                                                                   "NullTokenizer"]))
+
+
+def test_tiktokenizer_with_a_local_vocabulary_is_megatron_core_s_and_trains(tmp_path, capsys):
+    """TikTokenizer as Megatron-LM's pretrain_gpt.py and preprocess_data.py build it (megatron-core's): the ids
+    against tiktoken itself, ranks shifted past the special tokens, --tiktoken-pattern v1/v2 honoured,
+    EOD </s>; preprocessed and trained a few steps."""
+    tiktoken = pytest.importorskip("tiktoken")
+    import base64
+
+    from megatron.core.tokenizers.text.libraries.tiktoken_tokenizer import (
+        _PATTERN_TIKTOKEN_V1, _PATTERN_TIKTOKEN_V2, SPECIAL_TOKENS,
+    )
+
+    from megatron_tst.data.tokenizers import load_tokenizer
+    from tests.test_tools import preprocess_data
+
+    # "eT" ranks first: v1 keeps "theTHE" one piece (t h eT ...), v2 splits it at the case change (the THE)
+    ranks = [bytes([i]) for i in range(256)] + [b"eT", b"th", b"he", b"the", b" t", b" the", b"in", b"ing", b" a",
+                                                b"an", b"and", b"12", b"og"]
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(),
+                                  "token_str": t.decode("utf-8", "replace")} for i, t in enumerate(ranks)]))
+    special, reserved = SPECIAL_TOKENS + ["<|extra|>"], 10
+    size = reserved + len(ranks)
+    words = ["the", "thing", "and", "a", "theTHE", "12", "dog", "naïve", "café", "ing", "\n\n"]
+    generator = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[i] for i in torch.randint(0, len(words), (30,), generator=generator).tolist())
+             for _ in range(80)]
+    tokenized = {}
+    for pattern, regex in (("v1", _PATTERN_TIKTOKEN_V1), ("v2", _PATTERN_TIKTOKEN_V2)):
+        ours = load_tokenizer("TikTokenizer", str(vocab), vocab_size=size, tiktoken_pattern=pattern,
+                              tiktoken_num_special_tokens=reserved, special_tokens=special)
+        reference = tiktoken.Encoding(name="reference", pat_str=regex, special_tokens={},
+                                      mergeable_ranks={token: i + reserved for i, token in enumerate(ranks)})
+        tokenized[pattern] = [ours.tokenize(text) for text in texts]
+        assert tokenized[pattern] == [reference.encode_ordinary(text) for text in texts]
+        assert (ours.vocab_size, ours.eod) == (size, special.index("</s>"))
+        assert ours.tokenize("a</s>") == reference.encode_ordinary("a") + [ours.eod]  # special tokens in text
+    assert tokenized["v1"] != tokenized["v2"]
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(vocab), "--tiktoken-pattern", "v2",
+             "--tiktoken-num-special-tokens", str(reserved), "--vocab-size", str(size),
+             "--tokenizer-special-tokens", *special]
+    prefix = str(tmp_path / "tik")
+    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", prefix, "--append-eod", *flags]) == 0
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix + "_text_document")
+    assert [indexed[i].tolist() for i in range(3)] == [ids + [special.index("</s>")] for ids in tokenized["v2"][:3]]
+    save = str(tmp_path / "run")
+    assert pretrain.main(["--model-preset", "tiny", "--data-path", prefix + "_text_document", "--seq-length", "16",
+                          "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2",
+                          "--log-interval", "1", "--save", save, *flags]) == 0
+    with open(os.path.join(save, "iter_0000002", "run_config.json")) as handle:
+        assert json.load(handle)["model"]["vocab_size"] == size
+    capsys.readouterr()
+    resumed = ["--model-preset", "tiny", "--data-path", prefix + "_text_document", "--seq-length", "16",
+               "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--save", save]
+    assert pretrain.main(resumed + [flag if flag != "v2" else "v1" for flag in flags]) == 1  # other ids
+    assert "tokenizer.settings.pattern is 'v1' but the checkpoint was made with 'v2'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^TikTokenizer: --vocab-size 300 minus 10 special tokens needs 290 ranks"):
+        load_tokenizer("TikTokenizer", str(vocab), vocab_size=300, tiktoken_pattern="v2",
+                       tiktoken_num_special_tokens=reserved)
+    for given, message in ((["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(vocab)],
+                            "^--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2"),
+                           (["--tokenizer-type", "NullTokenizer", "--tiktoken-num-special-tokens", "10"],
+                            "^--tiktoken-num-special-tokens is read here only by --tokenizer-type TikTokenizer"),
+                           (["--tokenizer-type", "MultimodalTokenizer"],
+                            "^--tokenizer-type MultimodalTokenizer is not supported: a multimodal"),
+                           (["--make-vocab-size-divisible-by", "64"], "^--make-vocab-size-divisible-by 64 is not "),
+                           (["--vocab-extra-ids", "100"], "^--vocab-extra-ids: T5's span-masking ids"),
+                           (["--tokenizer-sentencepiece-legacy"], "^--tokenizer-sentencepiece-legacy: ")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(GPT3_STYLE + given)
+    parse_args(GPT3_STYLE + ["--make-vocab-size-divisible-by", "128"])  # what is done anyway
+
+
+MOCK_TINY = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--mock-data",
              "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3",
              "--log-interval", "1", "--hidden-dropout", "0", "--attention-dropout", "0"]
 
@@ -452,12 +578,24 @@ def test_rampup_batch_size_grows_the_global_batch_by_megatron_lm_formula_across_
             parse_args(GPT3_STYLE + flags)
 
 
-def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_any_update(tmp_path):
-    """fp16's first steps overflow (skipped: Adam has no state yet); the ramp and the phase switch
-    continue from the checkpoint's consumed samples."""
+@pytest.mark.parametrize("distributed", [False, True], ids=["fp16", "fp16-distributed-optimizer"])
+def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_any_update(tmp_path, distributed):
+    """fp16's first steps overflow (skipped: Adam has no state yet); the ramp, the phase switch and
+    --decoupled-lr's param groups continue from the checkpoint. With megatron-core's distributed
+    optimizer the cut comes after four skipped steps and two updates: the loss scale and both LR
+    groups are restored (megatron-core 0.16.1 alone gives every weight the decoupled LR there,
+    and fails to load the plain optimizer's groups: optimizer.mark_decoupled_groups)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_tst import parallel
+    from megatron_tst.pretrain import resume, setup
+
     argv = MOCK_TINY + ["--global-batch-size", "8", "--train-samples", "60", "--rampup-batch-size", "2", "2", "20",
                         "--tst-bag-size", "2", "--tst-ratio", "0.5", "--fp16", "--initial-loss-scale", "65536",
-                        "--hysteresis", "1", "--loss-scale-window", "3"]
+                        "--hysteresis", "1", "--loss-scale-window", "3", "--decoupled-lr", "3e-3",
+                        "--decoupled-min-lr", "2e-4", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+                        "--lr-warmup-samples", "4"] + (["--use-distributed-optimizer"] if distributed else [])
+    cut_at = 6 if distributed else 3
 
     def rows(save):
         with open(os.path.join(save, "metrics.jsonl")) as handle:
@@ -465,8 +603,40 @@ def test_fp16_and_rampup_resume_bit_identically_from_a_checkpoint_saved_before_a
 
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert pretrain.main(argv + ["--save", whole]) == 0
-    assert pretrain.main(argv + ["--save", cut, "--exit-interval", "3"]) == 0
-    assert [grad_norm for _, _, grad_norm in rows(cut)] == [None] * 3  # saved before any update
+    assert pretrain.main(argv + ["--save", cut, "--exit-interval", str(cut_at)]) == 0
+    before = rows(cut)
+    assert [grad_norm is None for _, _, grad_norm in before] == ([True] * 4 + [False] * 2 if distributed else [True] * 3)
+    if distributed:  # what the checkpoint gives back, against Megatron-LM's scaler and megatron-core's scheduler
+        scale, good, updated, previous = 65536.0, 0, 0, 0
+        for _, positions, grad_norm in before:
+            if grad_norm is None:  # hysteresis 1: every overflow halves the scale
+                scale, good = scale / 2, 0
+            else:  # skipped steps do not advance the LR schedule, which counts samples
+                updated += (positions - previous) // 16
+                good += 1
+                if good == 3:
+                    scale, good = scale * 2, 0
+            previous = positions
+        run = setup(parse_args(argv + ["--save", cut]))
+        try:
+            resume(run)
+            assert run.iteration == cut_at and run.optimizer.get_loss_scale().item() == scale == 4096
+            assert run.scheduler.num_steps == updated == 8
+            # the decoupled group holds exactly the input embedding and output layer (fp32 main shards: sizes)
+            groups = [group for group in run.optimizer.param_groups if group["params"]]
+            assert sum(p.numel() for g in groups if g["max_lr"] == 3e-3 for p in g["params"]) == sum(
+                p.numel() for p in run.modules[0].parameters() if getattr(p, "is_embedding_or_output_parameter", 0))
+            for max_lr, min_lr in ((3e-3, 2e-4), (1e-3, 1e-4)):
+                reference = OptimizerParamScheduler(
+                    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), init_lr=0.0, max_lr=max_lr,
+                    min_lr=min_lr, lr_warmup_steps=4, lr_decay_steps=60, lr_decay_style="cosine", start_wd=0.01,
+                    end_wd=0.01, wd_incr_steps=60, wd_incr_style="constant")
+                reference.step(increment=updated)
+                lrs = [group["lr"] for group in groups if group["max_lr"] == max_lr]
+                assert lrs and lrs == pytest.approx([reference.optimizer.param_groups[0]["lr"]] * len(lrs),
+                                                    rel=1e-12, abs=0), max_lr
+        finally:
+            parallel.shutdown()
     assert pretrain.main(argv + ["--save", cut]) == 0
     assert rows(cut) == rows(whole) and len(rows(whole)) == 11
 
@@ -478,6 +648,7 @@ def test_no_op_and_refused_flags_say_so_in_help(capsys):
     assert "--use-mcore-models accepted, no effect" in text
     assert "--calculate-per-token-loss accepted, no effect" in text
     assert "--no-mmap-bin-files refused: not supported yet" in text
+    assert "other tokenizers do not read it, as in Megatron-LM" in text  # --tiktoken-pattern (the Llama-3 recipe's)
 
 
 GPT3_STYLE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -574,7 +745,7 @@ def test_no_load_optim_no_load_rng_and_finetune_resume_as_megatron_lm(corpus, tm
     from megatron_tst.pretrain import adam_moments, resume, setup
 
     save = str(tmp_path / "run")
-    argv = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+    argv = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "511", "--tokenizer-type",
             "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
             "--global-batch-size", "2", "--train-iters", "4", "--lr-warmup-iters", "2", "--save", save]
     assert pretrain.main(argv + ["--exit-interval", "2"]) == 0
@@ -607,7 +778,7 @@ def test_no_load_optim_no_load_rng_and_finetune_resume_as_megatron_lm(corpus, tm
 def test_exit_duration_saves_and_stops_and_the_same_command_resumes_bit_identically(corpus, tmp_path, capsys,
                                                                                    monkeypatch):
     """Also --log-throughput (Megatron-LM's TFLOP/s per GPU) and --manual-gc on the uninterrupted run."""
-    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "512", "--tokenizer-type",
+    common = ["--model-preset", "tiny", "--hidden-dropout", "0.1", "--vocab-size", "511", "--tokenizer-type",
               "NullTokenizer", "--data-path", corpus, "--seq-length", "16", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1"]
 
@@ -641,7 +812,7 @@ def test_exit_duration_saves_and_stops_and_the_same_command_resumes_bit_identica
 def test_sample_based_schedule_counts_samples_as_megatron_lm(corpus, tmp_path):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    common = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path",
+    common = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--data-path",
               corpus, "--seq-length", "16", "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3",
               "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--log-interval", "1"]
 
@@ -688,7 +859,7 @@ def test_bad_schedule_flags_are_one_line_errors(flags, message):
 
 def test_a_checkpoint_from_before_the_architecture_fields_resumes(corpus, tmp_path, capsys):
     save = str(tmp_path / "run")
-    argv = ["--model-preset", "tiny", "--vocab-size", "512", "--tokenizer-type", "NullTokenizer", "--data-path", corpus,
+    argv = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--data-path", corpus,
             "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "3",
             "--save", save, "--save-interval", "2", "--log-interval", "1", "--exit-interval", "2"]
     assert pretrain.main(argv) == 0

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_tst.arguments import parse_args
 from megatron_tst.pretrain import main, pretrain
-from tests.conftest import VOCAB
+from tests.conftest import NULL_VOCAB, VOCAB
 from tests.distributed import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def args(corpus, save, *extra, iters=24, tst=True):
     # tied unless asked otherwise: the shared-table paths (embedding group, tied gradients) then run
     tie = [] if "--untie-embeddings-and-output-weights" in extra else ["--tie-embeddings-and-output-weights"]
-    argv = ["--model-preset", "tiny", *tie, "--vocab-size", str(VOCAB), "--tokenizer-type", "NullTokenizer",
+    argv = ["--model-preset", "tiny", *tie, "--vocab-size", str(NULL_VOCAB), "--tokenizer-type", "NullTokenizer",
             "--data-path", corpus, "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
             "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "3", "--log-interval", "1",
             "--eval-interval", "12", "--eval-iters", "2", "--save", save]

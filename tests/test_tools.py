@@ -120,6 +120,12 @@ def test_sentencepiece_shortcut_equals_megatron_cores_tokenizer(corpus_and_token
     texts = read_documents(corpus) + TRICKY_TEXTS  # every document of the corpus, not a prefix
     assert len(texts) > 64  # the 75 documents and the tricky texts: more than a 64-text batch
     assert fast.tokenize_batch(texts) == [megatron.tokenize(t) for t in texts]
+    # the aliases as megatron-core's build_tokenizer (Megatron-LM's default) builds them: the same ids
+    # (no BOS: only Megatron-LM's --legacy-tokenizer Llama2Tokenizer adds one), EOD and vocabulary
+    for alias in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        megatron = Tokenizer(alias, model)
+        assert (megatron.vocab_size, megatron.eod) == (fast.vocab_size, fast.eod), alias
+        assert [megatron.tokenize(t) for t in texts[-20:]] == fast.tokenize_batch(texts[-20:]), alias
 
 
 def test_sentencepiece_shortcut_for_a_normalising_unigram_model(corpus_and_tokenizer, tmp_path):

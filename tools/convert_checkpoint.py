@@ -39,6 +39,9 @@ def main(argv=None) -> int:
                         help="weights' dtype (default: the checkpoint's)")
     export.add_argument("--tokenizer-model", default=None, help="tokenizer (default: the one the run recorded)")
     export.add_argument("--tokenizer-type", default=None, help="SentencePieceTokenizer or HuggingFaceTokenizer")
+    export.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer's vocab.json (with --merge-file; "
+                        "default: the ones the run recorded)")
+    export.add_argument("--merge-file", default=None, help="GPT2BPETokenizer's merges.txt")
     export.add_argument("--allow-superposition", action="store_true",
                         help="export a TST phase-1 checkpoint even though it is not a next-token model yet")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -69,7 +72,8 @@ def _hf(args) -> int:
         if args.command == "to-hf":
             written = to_hf(args.input, args.output, model_type=args.model_type, dtype=args.dtype,
                             overwrite=args.overwrite, allow_superposition=args.allow_superposition,
-                            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model)
+                            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                            vocab_file=args.vocab_file, merge_file=args.merge_file)
         else:
             written = from_hf(args.input, args.output, args.tensor_model_parallel_size,
                               args.pipeline_model_parallel_size, args.expert_model_parallel_size,

@@ -170,8 +170,11 @@ def load_for(args):
     # one worker runs chunks on one thread per core itself (see threaded_map); workers share the cores
     threads = 1 if args.workers == 1 else max(1, available_cores() // args.workers)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
-    return load_tokenizer(args.tokenizer_type, args.tokenizer_model, threads=threads, vocab_file=args.vocab_file,
-                          merge_file=args.merge_file)
+    return load_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_size=args.vocab_size, threads=threads,
+                          vocab_file=args.vocab_file, merge_file=args.merge_file,
+                          tiktoken_pattern=args.tiktoken_pattern,
+                          tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                          special_tokens=args.tokenizer_special_tokens)
 
 
 def output_paths(prefix: str, key: str) -> tuple[str, str]:
@@ -279,11 +282,16 @@ def main(argv=None) -> int:
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True,
                        choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
-                                "GPTSentencePieceTokenizer", "Llama2Tokenizer"))
+                                "GPTSentencePieceTokenizer", "Llama2Tokenizer", "NullTokenizer", "TikTokenizer"))
     group.add_argument("--tokenizer-model",
                        help="a SentencePiece .model; for HuggingFaceTokenizer a folder or a tokenizer.json")
     group.add_argument("--vocab-file", help="GPT2BPETokenizer: GPT-2's vocab.json")
     group.add_argument("--merge-file", help="GPT2BPETokenizer: GPT-2's merges.txt")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer (text of space-separated ids below N): N, "
+                       "its EOD N; TikTokenizer: its vocabulary size")
+    group.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer's split pattern")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, help="TikTokenizer (default 1000)")
+    group.add_argument("--tokenizer-special-tokens", nargs="+", help="TikTokenizer's special tokens")
     group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1; all cores "

@@ -44,7 +44,7 @@ def synthetic_corpus(prefix: str) -> None:
 
 def _cpu_seconds(prefix: str, save: str, size: str, iters: int, tst: bool) -> tuple[float, list[float]]:
     argv = [sys.executable, "-m", "megatron_tst.pretrain", "--model-preset", "tiny", *study_size_args(size),
-            "--untie-embeddings-and-output-weights", "--vocab-size", str(VOCAB), "--tokenizer-type",
+            "--untie-embeddings-and-output-weights", "--vocab-size", str(VOCAB - 1), "--tokenizer-type",
             "NullTokenizer", "--data-path", prefix, "--split", "98,2,0", "--seq-length", "64",
             "--max-position-embeddings", "64", "--micro-batch-size", "16", "--global-batch-size", "16",
             "--train-iters", str(iters), "--lr", "1e-3", "--log-interval", "1", "--save", save]

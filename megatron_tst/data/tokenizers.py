@@ -18,6 +18,14 @@ dtype) are the same. Two shortcuts give the same ids faster and without importin
 size the vocab.json's entries, EOD ``<|endoftext|>``); we run the same BPE in the ``tokenizers``
 package, offline (megatron-core's ``build_tokenizer`` would fetch GPT-2's config from the model hub).
 
+``NullTokenizer`` (--vocab-size N) is megatron-core's, Megatron-LM's convention: text of space-separated
+ids, vocabulary N+1, EOD N.
+
+``TikTokenizer`` (--tokenizer-model a tiktoken vocabulary .json, --tiktoken-pattern v1|v2,
+--tiktoken-num-special-tokens, --tokenizer-special-tokens, --vocab-size) is megatron-core's, as Megatron-LM's
+``pretrain_gpt.py`` and ``preprocess_data.py`` build it: the special tokens take ids 0..n-1 (EOD ``</s>``) and
+may appear in text, the ranks follow; it needs the ``tiktoken`` package.
+
 ``HuggingFaceTokenizer`` takes a folder (loaded with transformers' ``AutoTokenizer``, as Megatron-LM
 does) or a ``tokenizer.json`` file (loaded with the ``tokenizers`` package alone; its EOD is the
 ``eos_token`` of a ``tokenizer_config.json`` beside it, else a usual end-of-text token).
@@ -25,14 +33,26 @@ does) or a ``tokenizer.json`` file (loaded with the ``tokenizers`` package alone
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
 from types import SimpleNamespace
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer", "TikTokenizer")
+# the rest of Megatron-LM's --tokenizer-type choices, and why this GPT pretraining refuses them
+REFUSED_TYPES = {
+    "BertWordPieceLowerCase": "a BERT WordPiece tokenizer (Megatron-LM's BERT/T5 models), not a GPT one",
+    "BertWordPieceCase": "a BERT WordPiece tokenizer (Megatron-LM's BERT/T5 models), not a GPT one",
+    "MultimodalTokenizer": "a multimodal (image + text) tokenizer; this trainer pretrains text-only GPT models",
+    "NullMultimodalTokenizer": "a multimodal (image + text) tokenizer; this trainer pretrains text-only GPT models",
+    "SFTTokenizer": "a chat fine-tuning tokenizer; this trainer pretrains on plain documents",
+}
+TIKTOKEN_PATTERNS = ("v1", "v2")
 # megatron-core's build_tokenizer treats these exactly as SentencePieceTokenizer
 SENTENCEPIECE_ALIASES = ("GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# the types --vocab-size sizes (Megatron-LM's; for NullTokenizer it is the ids before the EOD)
+VOCAB_SIZE_TYPES = ("NullTokenizer", "TikTokenizer")
 # EOD candidates for a bare tokenizer.json without a tokenizer_config.json, in order
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
 
@@ -140,10 +160,37 @@ class _GPT2BPE(_RustBacked):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class _Null:
+    """megatron-core's NullTokenizer (as Megatron-LM's _NullTokenizer): vocabulary N+1, EOD N."""
+
+    def __init__(self, vocab_size: int):
+        import megatron_tst  # noqa: F401  (CPU platform layer before megatron.core)
+        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+        self._tokenizer = NullTokenizer(vocab_size)
+        self.vocab_size, self.eod = self._tokenizer.vocab_size, self._tokenizer.eod
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            ids = self._tokenizer.text_to_ids(text)
+        except ValueError:
+            raise ValueError(f"NullTokenizer reads ids separated by single spaces, not {text[:40]!r}") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"NullTokenizer with --vocab-size {self.eod} reads ids 0..{self.eod}, not "
+                             f"{max(ids) if max(ids) >= self.vocab_size else min(ids)}")
+        return ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenize(text) for text in texts]
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.ids_to_text([int(i) for i in ids])
+
+
 class Tokenizer:
     """vocab_size, eod, tokenize, tokenize_batch, detokenize over megatron-core's tokenizer."""
 
-    def __init__(self, tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None):
+    def __init__(self, tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None, **flags):
         if tokenizer_type == "HuggingFaceTokenizer":
             try:
                 import tokenizers  # noqa: F401
@@ -164,7 +211,12 @@ class Tokenizer:
                 vocab_file=None, merge_file=None, tokenizer_hf_use_fast=False, trust_remote_code=False,
                 tokenizer_hf_include_special_tokens=False, tiktoken_pattern=None, tiktoken_num_special_tokens=1000,
             )
-            self._tokenizer = build_tokenizer(args)
+            vars(args).update(flags)
+            try:
+                self._tokenizer = build_tokenizer(args)
+            except AssertionError as error:  # megatron-core checks its settings with asserts
+                raise ValueError(f"{tokenizer_type} {tokenizer_model}: megatron-core refuses these settings "
+                                 f"({' '.join(str(error).split()) or 'an assertion failed'})") from None
         self.vocab_size = self._tokenizer.vocab_size
         self.eod = self._tokenizer.eod
         self._fast = None
@@ -187,10 +239,14 @@ class Tokenizer:
 
 
 def load_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None,
-                   threads: int = 1, vocab_file: str | None = None, merge_file: str | None = None):
+                   threads: int = 1, vocab_file: str | None = None, merge_file: str | None = None,
+                   tiktoken_pattern: str | None = None, tiktoken_num_special_tokens: int | None = None,
+                   special_tokens: list | None = None):
     """The tokenizer Megatron-LM's tools would build; ``threads`` for batched SentencePiece."""
     if tokenizer_type in SENTENCEPIECE_ALIASES:
         tokenizer_type = "SentencePieceTokenizer"
+    if tokenizer_type in REFUSED_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} is not supported: {REFUSED_TYPES[tokenizer_type]}")
     if tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of "
                          f"{', '.join(TOKENIZER_TYPES + SENTENCEPIECE_ALIASES)}")
@@ -203,21 +259,48 @@ def load_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{flag} {path} not found")
         return _GPT2BPE(vocab_file, merge_file, threads)
-    if tokenizer_type != "NullTokenizer":
-        if not tokenizer_model:
-            raise ValueError(f"{tokenizer_type} needs --tokenizer-model")
-        if not os.path.exists(tokenizer_model):
-            hint = ("train one with tools/train_tokenizer.py or give the path of yours"
-                    if tokenizer_type == "SentencePieceTokenizer" else
-                    "give a local folder with tokenizer files, or a tokenizer.json file")
-            raise FileNotFoundError(f"tokenizer {tokenizer_model} not found; {hint}")
+    if tokenizer_type == "NullTokenizer":
+        if not vocab_size:
+            raise ValueError("NullTokenizer needs --vocab-size N (ids 0..N-1, its EOD N, as Megatron-LM)")
+        return _Null(vocab_size)
+    if not tokenizer_model:
+        raise ValueError(f"{tokenizer_type} needs --tokenizer-model")
+    if not os.path.exists(tokenizer_model):
+        hint = ("train one with tools/train_tokenizer.py or give the path of yours"
+                if tokenizer_type == "SentencePieceTokenizer" else
+                "give a local folder with tokenizer files, or a tokenizer.json file")
+        raise FileNotFoundError(f"tokenizer {tokenizer_model} not found; {hint}")
     if tokenizer_type == "SentencePieceTokenizer":
         if os.path.isdir(tokenizer_model):
             raise ValueError(f"SentencePieceTokenizer needs the .model file, and {tokenizer_model} is a folder")
         return _SentencePiece(tokenizer_model, threads)
+    if tokenizer_type == "TikTokenizer":
+        return _tiktoken(tokenizer_model, vocab_size, tiktoken_pattern, tiktoken_num_special_tokens, special_tokens)
     if tokenizer_type == "HuggingFaceTokenizer" and os.path.isfile(tokenizer_model):
         if not tokenizer_model.endswith(".json"):
             raise ValueError(f"HuggingFaceTokenizer takes a folder or a tokenizer.json file, not {tokenizer_model} "
                              "(for a SentencePiece .model use --tokenizer-type SentencePieceTokenizer)")
         return _TokenizerJson(tokenizer_model, threads)
     return Tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+
+
+def _tiktoken(path: str, vocab_size: int | None, pattern: str | None, num_special: int | None,
+              special_tokens: list | None) -> Tokenizer:
+    """megatron-core's TikTokenizer, its settings checked first so that a mistake reads as one line."""
+    if importlib.util.find_spec("tiktoken") is None:
+        raise ValueError("TikTokenizer needs the tiktoken package: pip install tiktoken")
+    if pattern not in TIKTOKEN_PATTERNS:
+        raise ValueError(f"TikTokenizer needs --tiktoken-pattern v1 or v2 (as Megatron-LM), not {pattern}")
+    num_special = 1000 if num_special is None else num_special  # Megatron-LM's defaults
+    vocab_size = vocab_size or 2 ** 17
+    try:
+        with open(path, encoding="utf-8") as handle:
+            ranks = len(json.load(handle))
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a tiktoken vocabulary .json ({str(error).splitlines()[0]})") from None
+    if vocab_size - num_special > ranks:
+        raise ValueError(f"TikTokenizer: --vocab-size {vocab_size} minus {num_special} special tokens needs "
+                         f"{vocab_size - num_special} ranks but {path} has {ranks}; give --vocab-size "
+                         f"{ranks + num_special} (or fewer) or --tiktoken-num-special-tokens")
+    return Tokenizer("TikTokenizer", path, vocab_size, tiktoken_pattern=pattern,
+                     tiktoken_num_special_tokens=num_special, tokenizer_special_tokens=special_tokens or None)

@@ -447,10 +447,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.t
 
 
 def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int, eod: int,
-                       files: Sequence[str] = ()) -> dict:
+                       files: Sequence[str] = (), settings: dict | None = None) -> dict:
     """What a checkpoint records of its tokenizer: type, vocabulary size, EOD and a digest of the
     tokenizer's files (a file, or the usual tokenizer files of a folder), not their path, so that
-    moving a tokenizer is fine and swapping it for another of the same size is not."""
+    moving a tokenizer is fine and swapping it for another of the same size is not; ``settings``:
+    flags that change its ids (TikTokenizer's pattern and special tokens), recorded only when given."""
     digest, paths = None, [path for path in files if path]  # files: GPT2BPETokenizer's vocab and merges
     if tokenizer_model and os.path.exists(tokenizer_model):
         paths = [tokenizer_model] if os.path.isfile(tokenizer_model) else [
@@ -463,7 +464,8 @@ def tokenizer_identity(tokenizer_type: str | None, tokenizer_model: str | None, 
             with open(path, "rb") as handle:
                 hasher.update(handle.read())
         digest = hasher.hexdigest()
-    return dict(type=tokenizer_type or "NullTokenizer", vocab_size=int(vocab_size), eod=int(eod), files_md5=digest)
+    return dict(type=tokenizer_type or "NullTokenizer", vocab_size=int(vocab_size), eod=int(eod), files_md5=digest,
+                **({"settings": settings} if settings else {}))
 
 
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
