@@ -26,7 +26,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "plots": ["matplotlib"],
         "tb": ["tensorboard"],
-        "wandb": ["wandb"],
-        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer  # --wandb-project (tested with 0.31.0 offline)
+        "wandb": ["wandb"],  # --wandb-project (tested with 0.31.0 offline)
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
     },
 )
