@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_tst import profiling
+from megatron_tst import megatron_lm_flags, profiling
 from megatron_tst.logging_wandb import wandb_problem
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
@@ -401,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                 base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
                 group.add_argument(_flag(option.name), dest=option.name, type=base, default=None,
                                    help=help_text)
+    megatron_lm_flags.add_to_parser(parser)  # every other Megatron-LM flag: a declared no-op or refused
     return parser
 
 
@@ -433,6 +434,9 @@ def _iterations_from_samples(namespace: dict) -> None:
 def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
+    refused = megatron_lm_flags.refusals(namespace)  # Megatron-LM flags not taken here: refused even unchecked
+    if refused:
+        raise ValueError(refused[0])
     _iterations_from_samples(namespace)
     if namespace["tokenizer_type"] is None and (namespace["vocab_file"] or namespace["merge_file"]):
         namespace["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron-LM's GPT-3 recipes give only the two files

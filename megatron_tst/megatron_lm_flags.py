@@ -1,0 +1,148 @@
+"""Every Megatron-LM flag is known: those our parser does not declare itself (arguments.py) are added
+here from Megatron-LM's own list (megatron_lm_flag_list.py), as a no-op where Megatron-LM's meaning is
+inert here (listed in --help) or else refused in one line naming the flag and why. A refused flag takes
+whatever values Megatron-LM gives it (any number), so the error is that line, never argparse's usage."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_tst.megatron_lm_flag_list import GROUPS
+
+_DEST = "megatron_lm "  # namespace key prefix: a space, so never one of our own fields
+
+# Accepted and inert here: Megatron-LM's meaning changes nothing in what this project builds or runs
+NO_OPS = {
+    "--local-rank": "the local rank comes from torchrun's LOCAL_RANK, as in Megatron-LM",
+    "--disable-msc": "Multi-Storage Client is never used here",
+    "--no-one-logger": "one-logger telemetry is never used here",
+    "--no-persist-layer-norm": "Apex's persistent LayerNorm kernel is never built here (megatron-core's "
+                               "default is already off)",
+}
+
+# Why a whole Megatron-LM argument group is refused (its flags that we honour are declared in arguments.py)
+GROUP_REASONS = {
+    "transformer configuration": "a megatron-core TransformerConfig setting this GPT pretraining does not take",
+    "network size": "a model variant this GPT pretraining does not build",
+    "regularization": "only AdamW's settings are taken here (no SGD/Muon optimizers, no weight-decay conditions)",
+    "profiling": "CUDA memory-history snapshots are not supported (--profile writes a torch.profiler trace)",
+    "training": "not supported by this GPT pretraining",
+    "rl": "RL flags are not part of GPT pretraining here",
+    "RNG and initialization": "not supported (weights initialise as megatron-core's default from --seed)",
+    "learning rate and weight decay": "not supported (the schedule comes from the --lr* flags, a constant "
+                                      "--weight-decay)",
+    "checkpointing": "not supported (torch_dist checkpoints with --save/--save-interval/--load)",
+    "mixed precision": "not supported here",
+    "distributed": "not supported here",
+    "validation": "not supported (validation runs every --eval-interval on --split's valid part)",
+    "data and dataloader": "not supported (one --data-path blend split by --split, or --mock-data)",
+    "tokenizer": "this tokenizer option is not supported here",
+    "autoresume": "ADLR autoresume is not supported (use --exit-duration-in-mins and the launcher)",
+    "biencoder": "biencoder/retriever flags are not part of GPT pretraining here",
+    "vision": "vision flags are not part of GPT pretraining here",
+    "moe": "this MoE option is not supported here",
+    "mla": "multi-latent attention (DeepSeek) is not supported here",
+    "experimental_attention_variant": "experimental attention variants are not supported here",
+    "heterogeneous architecture": "heterogeneous layer configs are not supported here",
+    "logging": "this logging option is not supported (metrics.jsonl, TensorBoard and W&B get loss, LR, grad "
+               "norm and throughput)",
+    "straggler": "straggler detection (nvidia-resiliency-ext) is not supported here",
+    "workload inspector": "the workload inspector server is not supported here",
+    "inference": "inference flags are not part of GPT pretraining here",
+    "Transformer-Engine": "Transformer Engine precision config files are not supported here",
+    "experimental": "Megatron-LM's experimental features (hybrid/Mamba specs, YAML configs, precision-aware "
+                    "optimizer) are not supported here",
+    "one logger": "one-logger telemetry is not part of this project",
+    "In-process restart": "in-process restart (nvidia-resiliency-ext) is not supported; the launcher resumes "
+                          "from the last checkpoint",
+    "ft_package": "the fault-tolerance package (nvidia-resiliency-ext) is not supported here",
+    "rerun engine": "the rerun state machine is not supported here",
+    "msc": "Multi-Storage Client is not supported here",
+    "sft": "SFT flags are not part of GPT pretraining here",
+    "kitchen": "NVIDIA kitchen quantization is not supported here",
+}
+
+# A more precise reason for families of flags, by prefix (the first that matches wins)
+PREFIX_REASONS = (
+    (("--tp-comm-", "--no-tp-comm-", "--disable-tp-comm-"),
+     "tensor-parallel communication overlap (Transformer Engine userbuffers) is not supported here"),
+    (("--mtp-",), "multi-token prediction is not supported here"),
+    (("--fp4-",), "FP4 is not supported here (FP8: --fp8-format)"),
+    (("--enable-cuda-graph", "--cuda-graph-", "--external-cuda-graph"), "CUDA graphs are not supported here"),
+    (("--mamba-", "--is-hybrid-model", "--hybrid-"), "Mamba/hybrid models are not part of GPT pretraining here"),
+    (("--inference-", "--flash-decode", "--mlp-chunks-for-prefill"), "inference flags are not part of GPT "
+                                                                    "pretraining here"),
+    (("--use-megatron-fsdp", "--use-torch-fsdp2", "--torch-fsdp2-", "--fsdp-", "--data-parallel-sharding-strategy",
+      "--outer-dp-sharding-strategy", "--enable-full-sharding-in-hsdp"),
+     "FSDP is not supported here (shard optimizer state with --use-distributed-optimizer)"),
+    (("--fim-",), "fill-in-the-middle data is not supported here"),
+    (("--non-persistent-",), "non-persistent (local) checkpoints are not supported here"),
+    (("--ckpt-convert-",), "checkpoint format conversion is not supported (torch_dist is the only format)"),
+    (("--muon-", "--sgd-momentum"), "only the AdamW optimizer is supported here"),
+    (("--dsa-indexer-", "--linear-conv-", "--linear-key-", "--linear-value-", "--linear-num-"),
+     "experimental attention variants are not supported here"),
+    (("--moe-",), "this MoE option is not supported here (taken: --num-experts, --moe-router-topk, "
+                  "--moe-ffn-hidden-size, --moe-aux-loss-coeff, --moe-router-load-balancing-type, "
+                  "--moe-grouped-gemm, --moe-token-dispatcher-type)"),
+)
+
+
+def reason(flag: str, group: str) -> str:
+    for prefixes, why in PREFIX_REASONS:
+        if flag.startswith(prefixes):
+            return f"{why}; drop it"
+    return f"{GROUP_REASONS[group]}; drop it"
+
+
+def add_to_parser(parser: argparse.ArgumentParser) -> None:
+    """Declare each Megatron-LM flag that ``parser`` does not have: the no-ops with their reason in
+    --help, the rest refused (hidden from --help, which says so once)."""
+    declared = set(parser._option_string_actions)
+    no_ops = parser.add_argument_group(
+        "Megatron-LM flags accepted with no effect", "each is inert here, for the reason given")
+    refused = parser.add_argument_group(
+        "other Megatron-LM flags", f"every other flag of Megatron-LM core_v0.16.1 ({len(all_flags())} in all) "
+        "parses and is refused in one line naming it and why")
+    for group, flags in GROUPS.items():
+        for flag in flags:
+            if flag in declared:
+                continue
+            if flag in NO_OPS:
+                no_ops.add_argument(flag, dest=_DEST + flag, nargs="*", default=None, metavar="VALUE",
+                                    help=f"accepted, no effect: {NO_OPS[flag]}")
+            else:
+                refused.add_argument(flag, dest=_DEST + flag, nargs="*", default=None, help=argparse.SUPPRESS)
+            declared.add(flag)
+
+
+def refusals(namespace: dict) -> list[str]:
+    """"--flag: reason" for each refused Megatron-LM flag given; removes every key this module added."""
+    lines = []
+    for group, flags in GROUPS.items():
+        for flag in flags:
+            given = namespace.pop(_DEST + flag, None)
+            if given is not None and flag not in NO_OPS:
+                lines.append(f"{flag}: {reason(flag, group)}")
+    return lines
+
+
+def all_flags() -> dict[str, str]:
+    """Megatron-LM's flags with their group title."""
+    return {flag: group for group, flags in GROUPS.items() for flag in flags}
+
+
+def classify(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each Megatron-LM flag as ``parser`` takes it: honoured, no-op or refused (from its help text:
+    arguments.py's ``_no_op``/``_refused`` and this module's); "unknown" if it is not declared."""
+    kinds = {}
+    for flag in all_flags():
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            kinds[flag] = "unknown"
+        elif action.help == argparse.SUPPRESS or (action.help or "").startswith("refused:"):
+            kinds[flag] = "refused"
+        elif (action.help or "").startswith("accepted, no effect"):
+            kinds[flag] = "no-op"
+        else:
+            kinds[flag] = "honoured"
+    return kinds

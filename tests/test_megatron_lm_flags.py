@@ -1,0 +1,62 @@
+"""Every flag of Megatron-LM core_v0.16.1's parser (megatron_tst/megatron_lm_flag_list.py, produced by
+running Megatron-LM's own add_megatron_arguments) is known to ours: honoured, a no-op listed in --help,
+or refused in one line naming it. Parse-only: no model, no process group."""
+
+import collections
+
+import pytest
+
+from megatron_tst import megatron_lm_flags, pretrain
+from megatron_tst.arguments import build_parser, parse_args
+from megatron_tst.megatron_lm_flag_list import GROUPS
+
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size", "512",
+        "--seq-length", "32", "--train-iters", "4"]
+
+
+def test_every_megatron_lm_flag_is_known_and_each_refusal_is_one_line_naming_it():
+    parser = build_parser()
+    kinds = megatron_lm_flags.classify(parser)
+    assert len(kinds) == sum(len(flags) for flags in GROUPS.values()) > 650  # no flag twice, the whole list
+    assert [flag for flag, kind in kinds.items() if kind == "unknown"] == []
+    counts = collections.Counter(kinds.values())
+    assert counts["honoured"] > 100 and counts["no-op"] >= len(megatron_lm_flags.NO_OPS) and counts["refused"] > 300
+    # every refused flag, with the values Megatron-LM could give it (none, one, several, negative)
+    for flag, kind in kinds.items():
+        if kind != "refused" or flag not in _generic(parser):
+            continue
+        for values in ([], ["1"], ["a", "b", "-1"]):
+            namespace = vars(parser.parse_args(TINY + [flag, *values]))
+            lines = megatron_lm_flags.refusals(namespace)
+            assert len(lines) == 1 and lines[0].startswith(f"{flag}: ") and lines[0].endswith("; drop it"), lines
+            assert "\n" not in lines[0] and not any(key.startswith("megatron_lm ") for key in namespace)
+    # through parse_args itself, one flag of every group that has a refused one, checked or not
+    for group, flags in GROUPS.items():
+        refused = [flag for flag in flags if kinds[flag] == "refused" and flag in _generic(parser)]
+        if refused:
+            for check in (True, False):
+                with pytest.raises(ValueError) as error:
+                    parse_args(TINY + [refused[-1], "x"], check=check)
+                assert str(error.value) == f"{refused[-1]}: {megatron_lm_flags.reason(refused[-1], group)}"
+    # the no-ops parse (with or without a value) and change nothing
+    plain = parse_args(TINY)
+    for flag in megatron_lm_flags.NO_OPS:
+        assert parse_args(TINY + [flag]) == plain == parse_args(TINY + [flag, "0"])
+
+
+def test_help_lists_the_no_ops_and_main_prints_a_refusal_in_one_line(capsys):
+    text = " ".join(build_parser().format_help().split())
+    for flag, why in megatron_lm_flags.NO_OPS.items():
+        assert f"{flag} [VALUE ...] accepted, no effect: {' '.join(why.split())}" in text
+    for flag in ("--use-mcore-models", "--calculate-per-token-loss"):  # arguments.py's own no-ops
+        assert text.rsplit(flag, 1)[1].split("--")[0].strip().startswith("accepted, no effect")
+    assert "--inference-max-requests" not in text and "(682 in all) parses and is refused" in text
+    assert pretrain.main(TINY + ["--use-legacy-models"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --use-legacy-models: {megatron_lm_flags.reason('--use-legacy-models', 'training')}"
+    assert not any("usage:" in line for line in err)
+
+
+def _generic(parser):
+    """The flags megatron_lm_flags added (arguments.py's own _refused ones are checked by validate)."""
+    return {flag for flag, action in parser._option_string_actions.items() if action.dest.startswith("megatron_lm ")}
