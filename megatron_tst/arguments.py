@@ -18,6 +18,7 @@ import torch
 
 from megatron_tst import megatron_lm_flags, profiling
 from megatron_tst.logging_wandb import wandb_problem
+from megatron_tst.megatron_lm_flags import MegatronLMOptions
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -376,6 +377,7 @@ class PretrainConfig:
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LoggingOptions = field(default_factory=LoggingOptions)
     tst: TSTOptions = field(default_factory=TSTOptions)
+    megatron_lm: MegatronLMOptions = field(default_factory=MegatronLMOptions)  # aliases, pass-throughs
 
 
 def _flag(name: str) -> str:
@@ -437,6 +439,7 @@ def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     refused = megatron_lm_flags.refusals(namespace)  # Megatron-LM flags not taken here: refused even unchecked
     if refused:
         raise ValueError(refused[0])
+    megatron_lm_flags.apply_aliases(namespace)
     _iterations_from_samples(namespace)
     if namespace["tokenizer_type"] is None and (namespace["vocab_file"] or namespace["merge_file"]):
         namespace["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron-LM's GPT-3 recipes give only the two files
@@ -690,6 +693,7 @@ def validate(config: PretrainConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"{flag} {value} is not supported; use {' or '.join(allowed)}")
     check_fp8_settings(model, par)
+    megatron_lm_flags.validate(config)
     check_recompute(model)
     profiling.check(config.logging, config.checkpoint)
     if config.data.num_workers is not None and config.data.num_workers < 0:

@@ -6,6 +6,7 @@ whatever values Megatron-LM gives it (any number), so the error is that line, ne
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 from megatron_tst.megatron_lm_flag_list import GROUPS
 
@@ -18,7 +19,47 @@ NO_OPS = {
     "--no-one-logger": "one-logger telemetry is never used here",
     "--no-persist-layer-norm": "Apex's persistent LayerNorm kernel is never built here (megatron-core's "
                                "default is already off)",
+    # deprecated in Megatron-LM, which ignores them too
+    "--use-dist-ckpt": "deprecated in Megatron-LM, no effect there either (--ckpt-format chooses)",
+    "--dist-ckpt-format": "deprecated in Megatron-LM, no effect there either (--ckpt-format chooses)",
+    "--ckpt-fully-parallel-save": "deprecated in Megatron-LM, no effect there either (saves are fully parallel)",
+    "--use-flash-attn": "Megatron-LM's megatron-core models ignore it too (--attention-backend chooses)",
+    "--attention-softmax-in-fp32": "every build keeps megatron-core's TransformerConfig default "
+                                   "attention_softmax_in_fp32=True, which is what it asks for",
 }
+
+# Megatron-LM's own refusal, or a reason more precise than the group's
+FLAG_REASONS = {
+    "--checkpoint-activations": "no longer valid in Megatron-LM either: use --recompute-activations, or "
+                                "--recompute-granularity with --recompute-method",
+    "--openai-gelu": "only GeLU (the default) and SwiGLU (--swiglu) MLPs are built here",
+    "--squared-relu": "only GeLU (the default) and SwiGLU (--swiglu) MLPs are built here",
+    "--quick-geglu": "only GeLU (the default) and SwiGLU (--swiglu) MLPs are built here",
+    "--use-legacy-models": "Megatron-LM's legacy models are not supported (models are megatron-core's)",
+}
+
+
+def _help(text, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class MegatronLMOptions:
+    """Megatron-LM flags honoured as aliases of ours or passed to megatron-core's configs."""
+    optimizer: str | None = _help("adam (the default: megatron-core's Adam with decoupled weight decay) or sgd",
+                                  default=None)
+    sgd_momentum: float | None = _help("with --optimizer sgd: its momentum (default 0.9, as Megatron-LM)",
+                                       default=None)
+    recompute_activations: bool = _help("Megatron-LM's alias of --recompute-granularity selective", default=False)
+    use_rotary_position_embeddings: bool = _help("Megatron-LM's legacy alias of --position-embedding-type rope",
+                                                 default=False)
+    accumulate_allreduce_grads_in_fp32: bool = _help("gradients accumulated and reduced in fp32: the default "
+                                                     "here (as Megatron-LM with --bf16); contradicts "
+                                                     "--grad-reduce-in-bf16", default=False)
+    ddp_bucket_size: int | None = _help("gradient-reduction bucket size in elements, with --overlap-grad-reduce "
+                                        "(megatron-core's DistributedDataParallelConfig.bucket_size)", default=None)
+    dataloader_type: str | None = _help("single (Megatron-LM's default: each sample once, in order): the only "
+                                        "one here", default=None)
 
 # Why a whole Megatron-LM argument group is refused (its flags that we honour are declared in arguments.py)
 GROUP_REASONS = {
@@ -88,6 +129,8 @@ PREFIX_REASONS = (
 
 
 def reason(flag: str, group: str) -> str:
+    if flag in FLAG_REASONS:
+        return f"{FLAG_REASONS[flag]}; drop it"
     for prefixes, why in PREFIX_REASONS:
         if flag.startswith(prefixes):
             return f"{why}; drop it"
@@ -146,3 +189,45 @@ def classify(parser: argparse.ArgumentParser) -> dict[str, str]:
         else:
             kinds[flag] = "honoured"
     return kinds
+
+
+def apply_aliases(namespace: dict) -> None:
+    """Megatron-LM's alias flags set the flag they stand for (a contradiction is one line)."""
+    for alias, target, value in (("recompute_activations", "recompute_granularity", "selective"),
+                                 ("use_rotary_position_embeddings", "position_embedding_type", "rope")):
+        if namespace[alias]:
+            given = namespace[target]
+            if given not in (None, value):
+                raise ValueError(f"--{alias.replace('_', '-')} means --{target.replace('_', '-')} {value}, "
+                                 f"not {given}; give one")
+            namespace[target] = value
+
+
+def validate(config) -> None:
+    options = config.megatron_lm
+    if options.optimizer not in (None, "adam", "sgd"):
+        raise ValueError(f"--optimizer {options.optimizer} is not supported; use adam or sgd")
+    if options.sgd_momentum is not None and options.optimizer != "sgd":
+        raise ValueError("--sgd-momentum needs --optimizer sgd; give it, or drop --sgd-momentum")
+    if options.dataloader_type not in (None, "single"):
+        raise ValueError(f"--dataloader-type {options.dataloader_type} is not supported (each sample is read once, "
+                         "in order); use single or drop it")
+    if options.accumulate_allreduce_grads_in_fp32 and config.training.grad_reduce_in_bf16:
+        raise ValueError("--accumulate-allreduce-grads-in-fp32 and --grad-reduce-in-bf16 contradict each other; "
+                         "give one")
+    if options.ddp_bucket_size is not None and options.ddp_bucket_size < 1:
+        raise ValueError(f"--ddp-bucket-size must be >= 1, got {options.ddp_bucket_size}")
+
+
+def optimizer_settings(config) -> dict:
+    """OptimizerConfig's optimizer fields."""
+    options = config.megatron_lm
+    if options.optimizer == "sgd":
+        return dict(optimizer="sgd", sgd_momentum=0.9 if options.sgd_momentum is None else options.sgd_momentum)
+    return dict(optimizer="adam")
+
+
+def ddp_settings(config) -> dict:
+    """DistributedDataParallelConfig fields of Megatron-LM flags passed through as they are."""
+    size = config.megatron_lm.ddp_bucket_size
+    return dict(bucket_size=size) if size is not None else {}

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, logging_wandb, orphan, parallel, preflight, profiling
+from megatron_tst import checkpointing, device, logging_wandb, megatron_lm_flags, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, loss_scaling, lr_schedule, model_settings, overlap_settings,
     parse_args,
@@ -93,6 +93,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         grad_reduce_in_fp32=not config.training.grad_reduce_in_bf16, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
+        **megatron_lm_flags.ddp_settings(config),
     )
     if model_config.bf16 or model_config.fp16:
         # as Megatron-LM's get_model: every parameter in bf16 (torch norms are built in fp32), so the
@@ -117,7 +118,7 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
     return get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
+        **megatron_lm_flags.optimizer_settings(config), lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,

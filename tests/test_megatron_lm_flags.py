@@ -5,6 +5,7 @@ or refused in one line naming it. Parse-only: no model, no process group."""
 import collections
 
 import pytest
+import torch
 
 from megatron_tst import megatron_lm_flags, pretrain
 from megatron_tst.arguments import build_parser, parse_args
@@ -60,3 +61,43 @@ def test_help_lists_the_no_ops_and_main_prints_a_refusal_in_one_line(capsys):
 def _generic(parser):
     """The flags megatron_lm_flags added (arguments.py's own _refused ones are checked by validate)."""
     return {flag for flag, action in parser._option_string_actions.items() if action.dest.startswith("megatron_lm ")}
+
+
+def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
+    from megatron.core.utils import unwrap_model
+
+    def built(argv):
+        config = parse_args(TINY + argv)
+        arch = config.model.architecture(vocab_size=512)
+        chunks, model_config = pretrain.build_model(config, arch, None)
+        optimizer, _ = pretrain.build_optimizer(config, chunks, model_config)
+        inner = [opt.optimizer for opt in optimizer.chained_optimizers]
+        return arch, model_config, chunks[0].ddp_config, inner
+
+    arch, model_config, ddp, inner = built(
+        ["--optimizer", "sgd", "--sgd-momentum", "0.5", "--ddp-bucket-size", "4096", "--overlap-grad-reduce",
+         "--recompute-activations",
+         "--use-rotary-position-embeddings", "--accumulate-allreduce-grads-in-fp32", "--dataloader-type", "single",
+         "--use-flash-attn", "--local-rank", "0"])
+    assert model_config.recompute_granularity == "selective" and arch.position_embedding_type == "rope"
+    assert ddp.bucket_size == 4096 and ddp.grad_reduce_in_fp32
+    assert all(type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.5 for opt in inner)
+    arch, model_config, ddp, inner = built(["--optimizer", "sgd"])
+    assert all(opt.param_groups[0]["momentum"] == 0.9 for opt in inner)  # Megatron-LM's default
+    assert built(["--overlap-grad-reduce"])[2].bucket_size == 40_000_000  # megatron-core's default
+    arch, model_config, ddp, inner = built([])  # without them: Megatron-LM's defaults
+    assert model_config.recompute_granularity is None and arch.position_embedding_type == "learned_absolute"
+    assert ddp.bucket_size is None and all(type(opt) is torch.optim.AdamW or "Adam" in type(opt).__name__
+                                           for opt in inner)
+    for argv, message in (
+            (["--optimizer", "muon"], "--optimizer muon is not supported; use adam or sgd"),
+            (["--sgd-momentum", "0.5"], "--sgd-momentum needs --optimizer sgd"),
+            (["--dataloader-type", "cyclic"], "--dataloader-type cyclic is not supported"),
+            (["--recompute-activations", "--recompute-granularity", "full"],
+             "--recompute-activations means --recompute-granularity selective, not full"),
+            (["--use-rotary-position-embeddings", "--position-embedding-type", "learned_absolute"],
+             "--use-rotary-position-embeddings means --position-embedding-type rope"),
+            (["--accumulate-allreduce-grads-in-fp32", "--bf16", "--grad-reduce-in-bf16"], "contradict each other"),
+            (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            parse_args(TINY + argv)
