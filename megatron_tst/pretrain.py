@@ -42,7 +42,7 @@ from megatron_tst.data import DataConfig, TSTData
 from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_identity
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
-from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, use_fused_adamw
+from megatron_tst.optimizer import ForeachNormChainedOptimizer, fresh_adam_state, sgd_checkpoints_load, use_fused_adamw
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel
 
@@ -131,6 +131,7 @@ def build_optimizer(config: PretrainConfig, chunks, model_config):
     # torch's fused AdamW and a one-read gradient norm where TE/Apex are absent (megatron_tst/optimizer.py)
     optimizer = ForeachNormChainedOptimizer.wrap(megatron_optimizer(config, chunks, model_config))
     use_fused_adamw(optimizer)
+    sgd_checkpoints_load(optimizer)
     return optimizer, build_scheduler(config, optimizer)
 
 
