@@ -56,6 +56,9 @@ class ModelOptions:
                                          default=None)
     kv_channels: int | None = _help("head dimension (default hidden / heads)", default=None)
     vocab_size: int | None = _help("vocabulary size (default: the tokenizer's)", default=None)
+    make_vocab_size_divisible_by: int | None = _help("pad the embedding's rows to a multiple of this x "
+                                                     "--tensor-model-parallel-size (default 128, as Megatron-LM)",
+                                                     default=None)
     seq_length: int = _help("latent positions per sample (the model's sequence length)", default=1024)
     max_position_embeddings: int | None = _help("defaults to --seq-length", default=None)
     position_embedding_type: str | None = _help("learned_absolute (Megatron-LM's default) or rope "

@@ -215,6 +215,9 @@ def validate(config) -> None:
     if options.accumulate_allreduce_grads_in_fp32 and config.training.grad_reduce_in_bf16:
         raise ValueError("--accumulate-allreduce-grads-in-fp32 and --grad-reduce-in-bf16 contradict each other; "
                          "give one")
+    divisor = config.model.make_vocab_size_divisible_by
+    if divisor is not None and divisor < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {divisor}")
     if options.ddp_bucket_size is not None and options.ddp_bucket_size < 1:
         raise ValueError(f"--ddp-bucket-size must be >= 1, got {options.ddp_bucket_size}")
 

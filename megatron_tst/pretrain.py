@@ -315,7 +315,7 @@ class Run:
         config, arch = self.config, self.arch
         return dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(self.plan) if self.plan else None,
                     parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
-                        arch.vocab_size, config.parallel.tensor_model_parallel_size),
+                        arch.vocab_size, config.parallel.tensor_model_parallel_size, arch.make_vocab_size_divisible_by),
                     tokenizer=dict(type=config.data.tokenizer_type,  # for the HF export
                                    model=os.path.abspath(config.data.tokenizer_model)
                                    if config.data.tokenizer_model else None))

@@ -73,21 +73,23 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
         chunks, model_config = pretrain.build_model(config, arch, None)
         optimizer, _ = pretrain.build_optimizer(config, chunks, model_config)
         inner = [opt.optimizer for opt in optimizer.chained_optimizers]
-        return arch, model_config, chunks[0].ddp_config, inner
+        rows = unwrap_model(chunks)[0].embedding.word_embeddings.weight.shape[0]
+        return arch, model_config, chunks[0].ddp_config, inner, rows
 
-    arch, model_config, ddp, inner = built(
-        ["--optimizer", "sgd", "--sgd-momentum", "0.5", "--ddp-bucket-size", "4096", "--overlap-grad-reduce",
+    arch, model_config, ddp, inner, rows = built(
+        ["--make-vocab-size-divisible-by", "96", "--optimizer", "sgd", "--sgd-momentum", "0.5", "--ddp-bucket-size", "4096", "--overlap-grad-reduce",
          "--recompute-activations",
          "--use-rotary-position-embeddings", "--accumulate-allreduce-grads-in-fp32", "--dataloader-type", "single",
          "--use-flash-attn", "--local-rank", "0"])
     assert model_config.recompute_granularity == "selective" and arch.position_embedding_type == "rope"
+    assert rows == 576 and arch.make_vocab_size_divisible_by == 96  # 512 padded to 6 x 96
     assert ddp.bucket_size == 4096 and ddp.grad_reduce_in_fp32
     assert all(type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.5 for opt in inner)
-    arch, model_config, ddp, inner = built(["--optimizer", "sgd"])
+    arch, model_config, ddp, inner, rows = built(["--optimizer", "sgd"])
     assert all(opt.param_groups[0]["momentum"] == 0.9 for opt in inner)  # Megatron-LM's default
     assert built(["--overlap-grad-reduce"])[2].bucket_size == 40_000_000  # megatron-core's default
-    arch, model_config, ddp, inner = built([])  # without them: Megatron-LM's defaults
-    assert model_config.recompute_granularity is None and arch.position_embedding_type == "learned_absolute"
+    arch, model_config, ddp, inner, rows = built([])  # without them: Megatron-LM's defaults
+    assert rows == 512 and model_config.recompute_granularity is None and arch.position_embedding_type == "learned_absolute"
     assert ddp.bucket_size is None and all(type(opt) is torch.optim.AdamW or "Adam" in type(opt).__name__
                                            for opt in inner)
     for argv, message in (
@@ -99,7 +101,8 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
             (["--use-rotary-position-embeddings", "--position-embedding-type", "learned_absolute"],
              "--use-rotary-position-embeddings means --position-embedding-type rope"),
             (["--accumulate-allreduce-grads-in-fp32", "--bf16", "--grad-reduce-in-bf16"], "contradict each other"),
-            (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1")):
+            (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1"),
+            (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             parse_args(TINY + argv)
 
