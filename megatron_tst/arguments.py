@@ -562,6 +562,7 @@ def environment_problems(config: PretrainConfig) -> list[str]:
         check_attention_backend(config)
     except ValueError as error:
         problems.append(str(error))
+    problems += megatron_lm_flags.environment_problems(config)
     wandb = wandb_problem(config.logging, config.checkpoint.save)
     if wandb:
         problems.append(wandb)

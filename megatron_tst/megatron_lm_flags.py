@@ -36,6 +36,15 @@ FLAG_REASONS = {
     "--squared-relu": "only GeLU (the default) and SwiGLU (--swiglu) MLPs are built here",
     "--quick-geglu": "only GeLU (the default) and SwiGLU (--swiglu) MLPs are built here",
     "--use-legacy-models": "Megatron-LM's legacy models are not supported (models are megatron-core's)",
+    "--pretrained-checkpoint": "fine-tune from a checkpoint with --load DIR --finetune here",
+    "--use-checkpoint-args": "give the model's flags (the checkpoint's run_config.json records its shape; a "
+                             "different one is refused)",
+    "--auto-detect-ckpt-format": "checkpoints are always torch_dist here",
+    "--add-qkv-bias": "biases are all or none here (--disable-bias-linear); QKV-only biases are not built",
+    "--encoder-seq-length": "encoder-decoder models are not part of GPT pretraining here (use --seq-length)",
+    "--decoder-seq-length": "encoder-decoder models are not part of GPT pretraining here (use --seq-length)",
+    "--log-params-norm": "the parameter norm is not logged here (the gradient norm is)",
+    "--log-num-zeros-in-grad": "zeros in the gradients are not counted here",
 }
 
 
@@ -58,6 +67,8 @@ class MegatronLMOptions:
                                                      "--grad-reduce-in-bf16", default=False)
     ddp_bucket_size: int | None = _help("gradient-reduction bucket size in elements, with --overlap-grad-reduce "
                                         "(megatron-core's DistributedDataParallelConfig.bucket_size)", default=None)
+    distributed_backend: str | None = _help("nccl or gloo: accepted where it is the one this machine uses (nccl "
+                                            "with CUDA, gloo without)", default=None)
     dataloader_type: str | None = _help("single (Megatron-LM's default: each sample once, in order): the only "
                                         "one here", default=None)
 
@@ -215,6 +226,8 @@ def validate(config) -> None:
     if options.accumulate_allreduce_grads_in_fp32 and config.training.grad_reduce_in_bf16:
         raise ValueError("--accumulate-allreduce-grads-in-fp32 and --grad-reduce-in-bf16 contradict each other; "
                          "give one")
+    if options.distributed_backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"--distributed-backend {options.distributed_backend} is not one of nccl, gloo")
     divisor = config.model.make_vocab_size_divisible_by
     if divisor is not None and divisor < 1:
         raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {divisor}")
@@ -234,3 +247,14 @@ def ddp_settings(config) -> dict:
     """DistributedDataParallelConfig fields of Megatron-LM flags passed through as they are."""
     size = config.megatron_lm.ddp_bucket_size
     return dict(bucket_size=size) if size is not None else {}
+
+
+def environment_problems(config) -> list[str]:
+    """What this machine cannot run of the flags above (arguments.environment_problems)."""
+    from megatron_tst.platform import distributed_backend
+
+    given, ours = config.megatron_lm.distributed_backend, distributed_backend()
+    if given is not None and given != ours:
+        return [f"--distributed-backend {given}: this machine runs {ours} ({'with' if ours == 'nccl' else 'without'} "
+                f"CUDA); give --distributed-backend {ours} or drop it"]
+    return []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_tst import megatron_lm_flags, pretrain
-from megatron_tst.arguments import build_parser, parse_args
+from megatron_tst.arguments import build_parser, check_environment, parse_args
 from megatron_tst.megatron_lm_flag_list import GROUPS
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size", "512",
@@ -64,6 +64,13 @@ def _generic(parser):
     return {flag for flag, action in parser._option_string_actions.items() if action.dest.startswith("megatron_lm ")}
 
 
+def test_distributed_backend_is_the_one_this_machine_runs():
+    ours, other = ("nccl", "gloo") if torch.cuda.is_available() else ("gloo", "nccl")
+    check_environment(parse_args(TINY + ["--distributed-backend", ours, "--transformer-impl", "local"]))
+    with pytest.raises(ValueError, match=f"^--distributed-backend {other}: this machine runs {ours} "):
+        check_environment(parse_args(TINY + ["--distributed-backend", other, "--transformer-impl", "local"]))
+
+
 def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
     from megatron.core.utils import unwrap_model
 
@@ -102,7 +109,8 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
              "--use-rotary-position-embeddings means --position-embedding-type rope"),
             (["--accumulate-allreduce-grads-in-fp32", "--bf16", "--grad-reduce-in-bf16"], "contradict each other"),
             (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1"),
-            (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1")):
+            (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
+            (["--distributed-backend", "mpi"], "--distributed-backend mpi is not one of nccl, gloo")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             parse_args(TINY + argv)
 
