@@ -316,6 +316,10 @@ class CheckpointOptions:
                                               "spawned process", default=False)
     no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
     no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
+    no_save_optim: bool = _help("checkpoints without optimizer state (a resume from one starts fresh optimizer "
+                                "state, as --no-load-optim)", default=False)
+    no_save_rng: bool = _help("checkpoints without random-number state (a resume from one keeps the fresh "
+                              "run's, as --no-load-rng)", default=False)
     finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "
                            "RNG and data position); the same command later resumes from --save", default=False)
 

@@ -331,7 +331,9 @@ class Run:
                 fresh_adam_state(self.optimizer)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
-                                   self.run_config(), async_save=self.config.checkpoint.async_save)
+                                   self.run_config(), async_save=self.config.checkpoint.async_save,
+                                   save_optimizer=not self.config.checkpoint.no_save_optim,
+                                   save_rng=not self.config.checkpoint.no_save_rng)
 
 
 def setup(config: PretrainConfig) -> Run:
@@ -407,7 +409,8 @@ def resume(run: Run) -> None:
         raise checkpointing.CheckpointError(
             f"{load_root} holds a model of another shape ({_shape_difference(saved_model, dataclasses.asdict(arch))})")
     state = checkpointing.load(load_root, run.modules, run.optimizer, run.scheduler,
-                               load_optimizer=not (saved.get("reset_optimizer", False) or ckpt.no_load_optim),
+                               load_optimizer=not (saved.get("reset_optimizer", False) or ckpt.no_load_optim
+                                                   or not saved.get("optimizer_saved", True)),
                                load_rng=not ckpt.no_load_rng)
     common = state["common"]
     saved_tst = common["data_identity"]["tst"]

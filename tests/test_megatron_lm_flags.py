@@ -131,3 +131,28 @@ def test_sgd_resumes_bit_identically_from_a_checkpoint(tmp_path):
     whole, split = records("whole"), records("split")
     assert sorted(whole) == [1, 2, 3, 4] and split == whole
     assert whole[4] != whole[3]  # the steps do change the model
+
+
+def test_no_save_optim_and_no_save_rng_leave_that_state_out_and_resume_as_no_load(tmp_path):
+    """A checkpoint written with --no-save-optim --no-save-rng holds neither; resumed by the same
+    command it trains exactly as a full checkpoint resumed with --no-load-optim --no-load-rng."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    argv = TINY + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--lr", "1e-2", "--lr-decay-style", "constant",
+                   "--micro-batch-size", "2", "--log-interval", "1", "--exit-interval", "2"]
+    full, bare = argv + ["--save", str(tmp_path / "full")], argv + ["--save", str(tmp_path / "bare")]
+    assert pretrain.main(full) == 0 and pretrain.main(full + ["--no-load-optim", "--no-load-rng"]) == 0
+    bare += ["--no-save-optim", "--no-save-rng"]
+    assert pretrain.main(bare) == 0 and pretrain.main(bare) == 0
+
+    def records(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, lines) if "loss" in r}
+
+    assert sorted(records("full")) == [1, 2, 3, 4] and records("bare") == records("full")
+    for name, saved in (("full", True), ("bare", False)):
+        directory = tmp_path / name / "iter_0000002"
+        keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        assert any(key.startswith("optimizer") for key in keys) == saved
+        assert (directory / "rng").is_dir() == saved
+        assert json.loads((directory / "run_config.json").read_text())["optimizer_saved"] == saved
