@@ -258,3 +258,17 @@ def environment_problems(config) -> list[str]:
         return [f"--distributed-backend {given}: this machine runs {ours} ({'with' if ours == 'nccl' else 'without'} "
                 f"CUDA); give --distributed-backend {ours} or drop it"]
     return []
+
+
+if __name__ == "__main__":  # python -m megatron_tst.megatron_lm_flags [--list]: how each flag is taken
+    import collections
+    import sys
+
+    from megatron_tst.arguments import build_parser
+
+    kinds = classify(build_parser())
+    if "--list" in sys.argv[1:]:
+        for flag, kind in kinds.items():
+            print(f"{kind}\t{all_flags()[flag]}\t{flag}")
+    print(", ".join(f"{count} {kind}" for kind, count in collections.Counter(kinds.values()).most_common()),
+          f"of Megatron-LM's {len(kinds)} flags")
