@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from megatron_tst.megatron_lm_flag_list import GROUPS
+from megatron_tst.models import preset
 
 _DEST = "megatron_lm "  # namespace key prefix: a space, so never one of our own fields
 
@@ -69,6 +70,15 @@ class MegatronLMOptions:
                                         "(megatron-core's DistributedDataParallelConfig.bucket_size)", default=None)
     distributed_backend: str | None = _help("nccl or gloo: accepted where it is the one this machine uses (nccl "
                                             "with CUDA, gloo without)", default=None)
+    # megatron-core TransformerConfig fields passed through (transformer_settings): training-time only, so a
+    # model trained with them exports as one without
+    fp32_residual_connection: bool = _help("keep the residual stream in fp32 (TransformerConfig)", default=False)
+    embedding_init_method_std: float | None = _help("init std of the embedding (default --init-method-std; "
+                                                    "TransformerConfig)", default=None)
+    moe_router_dtype: str | None = _help("fp32 or fp64: the MoE router's compute dtype (TransformerConfig)",
+                                         default=None)
+    moe_z_loss_coeff: float | None = _help("MoE router z-loss weight (TransformerConfig)", default=None)
+    moe_input_jitter_eps: float | None = _help("MoE router input jitter (TransformerConfig)", default=None)
     dataloader_type: str | None = _help("single (Megatron-LM's default: each sample once, in order): the only "
                                         "one here", default=None)
 
@@ -228,6 +238,12 @@ def validate(config) -> None:
                          "give one")
     if options.distributed_backend not in (None, "nccl", "gloo"):
         raise ValueError(f"--distributed-backend {options.distributed_backend} is not one of nccl, gloo")
+    if options.moe_router_dtype not in (None, "fp32", "fp64"):
+        raise ValueError(f"--moe-router-dtype {options.moe_router_dtype} is not one of fp32, fp64")
+    moe = config.model.num_experts or (config.model.model_preset and preset(config.model.model_preset).num_experts)
+    for name in ("moe_router_dtype", "moe_z_loss_coeff", "moe_input_jitter_eps"):
+        if getattr(options, name) is not None and not moe:
+            raise ValueError(f"--{name.replace('_', '-')} is an MoE setting: give --num-experts, or drop it")
     divisor = config.model.make_vocab_size_divisible_by
     if divisor is not None and divisor < 1:
         raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got {divisor}")
@@ -241,6 +257,14 @@ def optimizer_settings(config) -> dict:
     if options.optimizer == "sgd":
         return dict(optimizer="sgd", sgd_momentum=0.9 if options.sgd_momentum is None else options.sgd_momentum)
     return dict(optimizer="adam")
+
+
+def transformer_settings(config) -> dict:
+    """TransformerConfig fields of the pass-through flags that are given."""
+    options = config.megatron_lm
+    names = ("embedding_init_method_std", "moe_router_dtype", "moe_z_loss_coeff", "moe_input_jitter_eps")
+    settings = {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+    return dict(settings, fp32_residual_connection=True) if options.fp32_residual_connection else settings
 
 
 def ddp_settings(config) -> dict:

@@ -69,6 +69,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
         **fusion_settings(config, arch), **torch_fusion_settings(config, arch), **model_settings(config),
+        **megatron_lm_flags.transformer_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -118,7 +119,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
     return get_megatron_optimizer(OptimizerConfig(
-        **megatron_lm_flags.optimizer_settings(config), lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
+        **megatron_lm_flags.optimizer_settings(config),  # adam, or sgd with its momentum
+        lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,

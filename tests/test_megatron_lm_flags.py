@@ -74,6 +74,8 @@ def test_distributed_backend_is_the_one_this_machine_runs():
 def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
     from megatron.core.utils import unwrap_model
 
+    chunks_of = {}
+
     def built(argv):
         config = parse_args(TINY + argv)
         arch = config.model.architecture(vocab_size=512)
@@ -81,22 +83,31 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
         optimizer, _ = pretrain.build_optimizer(config, chunks, model_config)
         inner = [opt.optimizer for opt in optimizer.chained_optimizers]
         rows = unwrap_model(chunks)[0].embedding.word_embeddings.weight.shape[0]
+        chunks_of["last"] = chunks
         return arch, model_config, chunks[0].ddp_config, inner, rows
 
     arch, model_config, ddp, inner, rows = built(
-        ["--make-vocab-size-divisible-by", "96", "--optimizer", "sgd", "--sgd-momentum", "0.5", "--ddp-bucket-size", "4096", "--overlap-grad-reduce",
+        ["--make-vocab-size-divisible-by", "96", "--optimizer", "sgd", "--sgd-momentum", "0.5",
+         "--ddp-bucket-size", "4096", "--overlap-grad-reduce", "--fp32-residual-connection",
+         "--embedding-init-method-std", "0.5",
          "--recompute-activations",
          "--use-rotary-position-embeddings", "--accumulate-allreduce-grads-in-fp32", "--dataloader-type", "single",
          "--use-flash-attn", "--local-rank", "0"])
     assert model_config.recompute_granularity == "selective" and arch.position_embedding_type == "rope"
     assert rows == 576 and arch.make_vocab_size_divisible_by == 96  # 512 padded to 6 x 96
+    assert model_config.fp32_residual_connection and model_config.embedding_init_method_std == 0.5
+    assert abs(unwrap_model(chunks_of["last"])[0].embedding.word_embeddings.weight.std().item() - 0.5) < 0.02
     assert ddp.bucket_size == 4096 and ddp.grad_reduce_in_fp32
     assert all(type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.5 for opt in inner)
     arch, model_config, ddp, inner, rows = built(["--optimizer", "sgd"])
     assert all(opt.param_groups[0]["momentum"] == 0.9 for opt in inner)  # Megatron-LM's default
     assert built(["--overlap-grad-reduce"])[2].bucket_size == 40_000_000  # megatron-core's default
     arch, model_config, ddp, inner, rows = built([])  # without them: Megatron-LM's defaults
-    assert rows == 512 and model_config.recompute_granularity is None and arch.position_embedding_type == "learned_absolute"
+    assert rows == 512 and model_config.recompute_granularity is None and not model_config.fp32_residual_connection
+    moe = built(["--num-experts", "2", "--moe-router-dtype", "fp64", "--moe-z-loss-coeff", "1e-3",
+                 "--moe-input-jitter-eps", "0.01"])[1]
+    assert (moe.moe_router_dtype, moe.moe_z_loss_coeff, moe.moe_input_jitter_eps) == ("fp64", 1e-3, 0.01)
+    assert arch.position_embedding_type == "learned_absolute"
     assert ddp.bucket_size is None and all(type(opt) is torch.optim.AdamW or "Adam" in type(opt).__name__
                                            for opt in inner)
     for argv, message in (
@@ -110,6 +121,8 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
             (["--accumulate-allreduce-grads-in-fp32", "--bf16", "--grad-reduce-in-bf16"], "contradict each other"),
             (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be >= 1"),
             (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
+            (["--moe-z-loss-coeff", "1e-3"], "--moe-z-loss-coeff is an MoE setting: give --num-experts"),
+            (["--num-experts", "2", "--moe-router-dtype", "bf16"], "--moe-router-dtype bf16 is not one of"),
             (["--distributed-backend", "mpi"], "--distributed-backend mpi is not one of nccl, gloo")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             parse_args(TINY + argv)
