@@ -275,13 +275,21 @@ def ddp_settings(config) -> dict:
 
 def environment_problems(config) -> list[str]:
     """What this machine cannot run of the flags above (arguments.environment_problems)."""
+    from megatron_tst.arguments import resolved_transformer_impl
     from megatron_tst.platform import distributed_backend
 
+    problems = []
     given, ours = config.megatron_lm.distributed_backend, distributed_backend()
     if given is not None and given != ours:
-        return [f"--distributed-backend {given}: this machine runs {ours} ({'with' if ours == 'nccl' else 'without'} "
-                f"CUDA); give --distributed-backend {ours} or drop it"]
-    return []
+        cuda = "with" if ours == "nccl" else "without"
+        problems.append(f"--distributed-backend {given}: this machine runs {ours} ({cuda} CUDA); give "
+                        f"--distributed-backend {ours} or drop it")
+    half = config.model.bf16 or config.model.fp16
+    if config.megatron_lm.fp32_residual_connection and half and resolved_transformer_impl(config.model) == "local":
+        # megatron-core's local spec builds torch norms, whose half weights refuse the fp32 residual
+        problems.append("--fp32-residual-connection with --bf16/--fp16 needs Transformer Engine's norms; install it, "
+                        "or drop --fp32-residual-connection")
+    return problems
 
 
 if __name__ == "__main__":  # python -m megatron_tst.megatron_lm_flags [--list]: how each flag is taken

@@ -64,11 +64,14 @@ def _generic(parser):
     return {flag for flag, action in parser._option_string_actions.items() if action.dest.startswith("megatron_lm ")}
 
 
-def test_distributed_backend_is_the_one_this_machine_runs():
+def test_what_this_machine_cannot_run_is_refused_in_one_line():
     ours, other = ("nccl", "gloo") if torch.cuda.is_available() else ("gloo", "nccl")
-    check_environment(parse_args(TINY + ["--distributed-backend", ours, "--transformer-impl", "local"]))
+    local = TINY + ["--transformer-impl", "local"]
+    check_environment(parse_args(local + ["--distributed-backend", ours, "--fp32-residual-connection"]))
     with pytest.raises(ValueError, match=f"^--distributed-backend {other}: this machine runs {ours} "):
-        check_environment(parse_args(TINY + ["--distributed-backend", other, "--transformer-impl", "local"]))
+        check_environment(parse_args(local + ["--distributed-backend", other]))
+    with pytest.raises(ValueError, match="^--fp32-residual-connection with --bf16/--fp16 needs Transformer Engine"):
+        check_environment(parse_args(local + ["--fp32-residual-connection", "--bf16"]))
 
 
 def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
