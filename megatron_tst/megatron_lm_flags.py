@@ -25,6 +25,7 @@ NO_OPS = {
     "--dist-ckpt-format": "deprecated in Megatron-LM, no effect there either (--ckpt-format chooses)",
     "--ckpt-fully-parallel-save": "deprecated in Megatron-LM, no effect there either (saves are fully parallel)",
     "--use-flash-attn": "Megatron-LM's megatron-core models ignore it too (--attention-backend chooses)",
+    "--exit-signal-handler": "SIGTERM and SIGINT always save a checkpoint and stop after the step here",
     "--attention-softmax-in-fp32": "every build keeps megatron-core's TransformerConfig default "
                                    "attention_softmax_in_fp32=True, which is what it asks for",
 }
@@ -44,6 +45,9 @@ FLAG_REASONS = {
     "--add-qkv-bias": "biases are all or none here (--disable-bias-linear); QKV-only biases are not built",
     "--encoder-seq-length": "encoder-decoder models are not part of GPT pretraining here (use --seq-length)",
     "--decoder-seq-length": "encoder-decoder models are not part of GPT pretraining here (use --seq-length)",
+    "--train-data-path": "per-split data paths are not supported: give --data-path (a blend) and --split",
+    "--valid-data-path": "per-split data paths are not supported: give --data-path (a blend) and --split",
+    "--test-data-path": "per-split data paths are not supported: give --data-path (a blend) and --split",
     "--log-params-norm": "the parameter norm is not logged here (the gradient norm is)",
     "--log-num-zeros-in-grad": "zeros in the gradients are not counted here",
 }
@@ -79,6 +83,8 @@ class MegatronLMOptions:
                                          default=None)
     moe_z_loss_coeff: float | None = _help("MoE router z-loss weight (TransformerConfig)", default=None)
     moe_input_jitter_eps: float | None = _help("MoE router input jitter (TransformerConfig)", default=None)
+    exit_signal: str | None = _help("SIGTERM (the default) or SIGINT: the signal that saves and stops; both do "
+                                    "here", default=None)
     dataloader_type: str | None = _help("single (Megatron-LM's default: each sample once, in order): the only "
                                         "one here", default=None)
 
@@ -236,6 +242,9 @@ def validate(config) -> None:
     if options.accumulate_allreduce_grads_in_fp32 and config.training.grad_reduce_in_bf16:
         raise ValueError("--accumulate-allreduce-grads-in-fp32 and --grad-reduce-in-bf16 contradict each other; "
                          "give one")
+    if options.exit_signal not in (None, "SIGTERM", "SIGINT"):
+        raise ValueError(f"--exit-signal {options.exit_signal}: only SIGTERM and SIGINT save and stop here; give one "
+                         "of them or drop it")
     if options.distributed_backend not in (None, "nccl", "gloo"):
         raise ValueError(f"--distributed-backend {options.distributed_backend} is not one of nccl, gloo")
     if options.moe_router_dtype not in (None, "fp32", "fp64"):

@@ -95,7 +95,7 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
          "--embedding-init-method-std", "0.5",
          "--recompute-activations",
          "--use-rotary-position-embeddings", "--accumulate-allreduce-grads-in-fp32", "--dataloader-type", "single",
-         "--use-flash-attn", "--local-rank", "0"])
+         "--use-flash-attn", "--local-rank", "0", "--exit-signal", "SIGINT", "--exit-signal-handler"])
     assert model_config.recompute_granularity == "selective" and arch.position_embedding_type == "rope"
     assert rows == 576 and arch.make_vocab_size_divisible_by == 96  # 512 padded to 6 x 96
     assert model_config.fp32_residual_connection and model_config.embedding_init_method_std == 0.5
@@ -126,6 +126,7 @@ def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
             (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
             (["--moe-z-loss-coeff", "1e-3"], "--moe-z-loss-coeff is an MoE setting: give --num-experts"),
             (["--num-experts", "2", "--moe-router-dtype", "bf16"], "--moe-router-dtype bf16 is not one of"),
+            (["--exit-signal", "SIGUSR1"], "--exit-signal SIGUSR1: only SIGTERM and SIGINT save and stop here"),
             (["--distributed-backend", "mpi"], "--distributed-backend mpi is not one of nccl, gloo")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             parse_args(TINY + argv)
