@@ -8,7 +8,6 @@ builds, by its group title. Run it outside the repository against the installed 
 """
 
 import argparse
-import subprocess
 import sys
 
 from megatron.training.arguments import add_megatron_arguments
