@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_tst import profiling
+from megatron_tst import megatron_lm_flags, profiling
 from megatron_tst.logging_wandb import wandb_problem
+from megatron_tst.megatron_lm_flags import MegatronLMOptions
 from megatron_tst.models import (
     PRESETS, GPTArchitecture, default_transformer_impl, preset, transformer_engine_available,
 )
@@ -57,6 +58,9 @@ class ModelOptions:
     vocab_size: int | None = _help("NullTokenizer's ids before its EOD (vocabulary N+1, EOD N, as Megatron-LM) or "
                                    "TikTokenizer's vocabulary; with another tokenizer it must equal its size",
                                    default=None)
+    make_vocab_size_divisible_by: int | None = _help("pad the embedding's rows to a multiple of this x "
+                                                     "--tensor-model-parallel-size (default 128, as Megatron-LM)",
+                                                     default=None)
     seq_length: int = _help("latent positions per sample (the model's sequence length)", default=1024)
     max_position_embeddings: int | None = _help("defaults to --seq-length", default=None)
     position_embedding_type: str | None = _help("learned_absolute (Megatron-LM's default) or rope "
@@ -310,8 +314,6 @@ class DataOptions:
     vocab_extra_ids: int | None = _refused("T5's span-masking ids; a GPT tokenizer has none: drop it", default=None)
     padded_vocab_size: int | None = _refused("the padded vocabulary is computed (the tokenizer's rounded up to "
                                              "128 x TP, as Megatron-LM); drop it", default=None)
-    make_vocab_size_divisible_by: int | None = _help("vocabulary padding multiple (x TP): only Megatron-LM's "
-                                                     "default 128 here", default=None)
     no_create_attention_mask_in_dataloader: bool = _no_op("the data never carries attention masks (the "
                                                           "attention builds the causal mask)", default=False)
     no_mmap_bin_files: bool = _refused("not supported yet: the .bin files are always memory-mapped; drop it",
@@ -337,6 +339,10 @@ class CheckpointOptions:
                                               "spawned process", default=False)
     no_load_optim: bool = _help("resume with fresh optimizer state (the LR schedule continues)", default=False)
     no_load_rng: bool = _help("resume without the checkpoint's random-number state", default=False)
+    no_save_optim: bool = _help("checkpoints without optimizer state (a resume from one starts fresh optimizer "
+                                "state, as --no-load-optim)", default=False)
+    no_save_rng: bool = _help("checkpoints without random-number state (a resume from one keeps the fresh "
+                              "run's, as --no-load-rng)", default=False)
     finetune: bool = _help("load only --load's weights: a fresh run at iteration 0 (new optimizer, schedule, "
                            "RNG and data position); the same command later resumes from --save", default=False)
 
@@ -401,6 +407,7 @@ class PretrainConfig:
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     logging: LoggingOptions = field(default_factory=LoggingOptions)
     tst: TSTOptions = field(default_factory=TSTOptions)
+    megatron_lm: MegatronLMOptions = field(default_factory=MegatronLMOptions)  # aliases, pass-throughs
 
 
 def _flag(name: str) -> str:
@@ -426,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                 base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
                 group.add_argument(_flag(option.name), dest=option.name, type=base, default=None,
                                    help=help_text)
+    megatron_lm_flags.add_to_parser(parser)  # every other Megatron-LM flag: a declared no-op or refused
     return parser
 
 
@@ -458,6 +466,10 @@ def _iterations_from_samples(namespace: dict) -> None:
 def parse_args(argv=None, check: bool = True) -> PretrainConfig:
     """The config of ``argv``; ``check=False`` skips ``validate`` (to list what a recipe refuses)."""
     namespace = vars(build_parser().parse_args(argv))
+    refused = megatron_lm_flags.refusals(namespace)  # Megatron-LM flags not taken here: refused even unchecked
+    if refused:
+        raise ValueError(refused[0])
+    megatron_lm_flags.apply_aliases(namespace)
     _iterations_from_samples(namespace)
     if namespace["tokenizer_type"] is None and (namespace["vocab_file"] or namespace["merge_file"]):
         namespace["tokenizer_type"] = "GPT2BPETokenizer"  # Megatron-LM's GPT-3 recipes give only the two files
@@ -577,6 +589,7 @@ def environment_problems(config: PretrainConfig) -> list[str]:
         check_attention_backend(config)
     except ValueError as error:
         problems.append(str(error))
+    problems += megatron_lm_flags.environment_problems(config)
     wandb = wandb_problem(config.logging, config.checkpoint.save)
     if wandb:
         problems.append(wandb)
@@ -711,6 +724,7 @@ def validate(config: PretrainConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"{flag} {value} is not supported; use {' or '.join(allowed)}")
     check_fp8_settings(model, par)
+    megatron_lm_flags.validate(config)
     check_recompute(model)
     profiling.check(config.logging, config.checkpoint)
     if config.data.num_workers is not None and config.data.num_workers < 0:
@@ -818,9 +832,6 @@ def check_tokenizer_flags(data: DataOptions) -> None:
                                               ("--tiktoken-special-tokens", data.tiktoken_special_tokens)) if given]
     if tiktoken_only and kind != "TikTokenizer":
         raise ValueError(f"{tiktoken_only[0]} is read here only by --tokenizer-type TikTokenizer; drop it")
-    if data.make_vocab_size_divisible_by not in (None, 128):
-        raise ValueError(f"--make-vocab-size-divisible-by {data.make_vocab_size_divisible_by} is not supported: "
-                         "the vocabulary is padded to a multiple of Megatron-LM's default 128 x TP; drop it")
     if kind == "TikTokenizer" and data.tiktoken_pattern not in TIKTOKEN_PATTERNS:
         raise ValueError(f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2 (as Megatron-LM), "
                          f"not {data.tiktoken_pattern}")

@@ -204,12 +204,14 @@ def _publish(root: str, iteration: int, partial: str, final: str) -> None:
 
 
 def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: dict, run_config: dict,
-         async_save: bool = False) -> str:
+         async_save: bool = False, save_optimizer: bool = True, save_rng: bool = True) -> str:
     """Write checkpoint ``iteration`` under ``root``; ``common`` is small picklable state (data
     position, TST state, ...). Collective: every rank calls it. With ``async_save`` (--async-save)
     megatron-core's torch_dist writer runs in a forked process (a copy-on-write snapshot of the
     state) and this returns once it has started; the checkpoint appears under its final name when
-    ``finalize_async_saves`` finds every rank's writer done (at the latest, before the next save)."""
+    ``finalize_async_saves`` finds every rank's writer done (at the latest, before the next save).
+    ``save_optimizer``/``save_rng`` False (--no-save-optim/--no-save-rng) leave that state out; the
+    run_config's ``optimizer_saved`` tells a resume to start fresh optimizer state."""
     global _async_queue
     finalize_async_saves()  # one checkpoint in flight at a time, published in order
     final = checkpoint_dir(root, iteration)
@@ -220,18 +222,19 @@ def save(root: str, iteration: int, model_chunks, optimizer, scheduler, common: 
             shutil.rmtree(partial)
         os.makedirs(partial)
     _barrier()
-    state = _sharded_state(model_chunks, optimizer, for_loading=False)
+    state = _sharded_state(model_chunks, optimizer if save_optimizer else None, for_loading=False)
     state["iteration"] = iteration
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["common"] = common
     _signal_proof_writer_queue()
     request = dist_checkpointing.save(state, partial, async_sharded_save=async_save)
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
+    if save_rng:
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         with open(os.path.join(partial, RUN_CONFIG), "w") as handle:
-            json.dump({**run_config, "iteration": iteration, "world_size": world,
+            json.dump({**run_config, "iteration": iteration, "world_size": world, "optimizer_saved": save_optimizer,
                        "framework_version": megatron_tst.__version__}, handle, indent=2, sort_keys=True)
     if async_save:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue

@@ -11,7 +11,8 @@ a time, and never the optimizer state. Layouts (facts of megatron-core's GPT mod
 - ``linear_fc1`` (SwiGLU): [gate; up] on the output axis; experts likewise, per global expert id;
 - norms: ``self_attention.linear_qkv.layer_norm_weight`` and ``mlp.linear_fc1.layer_norm_weight``
   (the names torch_dist uses for the local spec's ``input_layernorm`` / ``pre_mlp_layernorm`` too);
-- the embedding and output head are padded to a multiple of 128 x TP rows: trimmed to the vocabulary.
+- the embedding and output head are padded to a multiple of --make-vocab-size-divisible-by (128) x TP
+  rows: trimmed to the vocabulary.
 
 transformers 5 keeps Qwen3-MoE experts as fused 3-D tensors in memory but its ``save_pretrained``
 writes (and every release loads) per-expert ``mlp.experts.N.{gate,up,down}_proj`` modules: that is
@@ -637,7 +638,7 @@ def from_hf(source: str, output: str, tensor_model_parallel_size: int = 1, pipel
     from megatron_tst.models.gpt import GPTArchitecture, layer_spec, padded_vocab_size, transformer_config
 
     arch = GPTArchitecture(**model)
-    padded = padded_vocab_size(arch.vocab_size, tp)
+    padded = padded_vocab_size(arch.vocab_size, tp, arch.make_vocab_size_divisible_by)
     parallel.initialize()
     try:
         megatron_config = transformer_config(arch, transformer_impl="local", bf16=dtype == torch.bfloat16,

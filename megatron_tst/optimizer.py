@@ -161,3 +161,23 @@ def fresh_adam_state(optimizer) -> int:
                         exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
                     count += 1
     return count
+
+
+def sgd_checkpoints_load(optimizer) -> int:
+    """megatron-core 0.16.1 builds SGD (--optimizer sgd) without the ``init_state_fn`` its checkpoint
+    loading calls to lay out the state, so loading fails; give each SGD a zero momentum buffer
+    there. Loaded state overwrites it; where none was saved (no step yet), torch's first step from
+    a zero buffer (dampening 0, megatron-core's) equals its step from none (the gradient).
+    Returns how many it set."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    sgds = [o for o in inner if isinstance(getattr(o, "optimizer", None), torch.optim.SGD) and o.init_state_fn is None]
+    for megatron_optimizer in sgds:
+        megatron_optimizer.init_state_fn = _init_sgd_state
+    return len(sgds)
+
+
+def _init_sgd_state(sgd: torch.optim.SGD, config=None) -> None:
+    for group in sgd.param_groups:
+        for param in group["params"]:
+            if group["momentum"] and sgd.state[param].get("momentum_buffer") is None:
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param.data)

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
-from megatron_tst import checkpointing, device, logging_wandb, orphan, parallel, preflight, profiling
+from megatron_tst import checkpointing, device, logging_wandb, megatron_lm_flags, orphan, parallel, preflight, profiling
 from megatron_tst.arguments import (
     PretrainConfig, check_environment, fusion_settings, loss_scaling, lr_schedule, model_settings, overlap_settings,
     parse_args,
@@ -43,7 +43,7 @@ from megatron_tst.data.tst_datasets import dataset_files_identity, tokenizer_ide
 from megatron_tst.metrics import MetricsLogger, model_flops_per_position
 from megatron_tst.models import GPTArchitecture, build_gpt_model, padded_vocab_size, transformer_config
 from megatron_tst.optimizer import (
-    ForeachNormChainedOptimizer, fresh_adam_state, mark_decoupled_groups, use_fused_adamw,
+    ForeachNormChainedOptimizer, fresh_adam_state, mark_decoupled_groups, sgd_checkpoints_load, use_fused_adamw,
 )
 from megatron_tst.tst import SUPERPOSITION, TSTPlan, num_valid_targets
 from megatron_tst.tst.loss_kernels import next_token_uses_single_kernel
@@ -71,6 +71,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         attention_backend=config.model.attention_backend,
         calculate_per_token_loss=True,  # exact token means across micro-batches and data-parallel ranks
         **fusion_settings(config, arch), **torch_fusion_settings(config, arch), **model_settings(config),
+        **megatron_lm_flags.transformer_settings(config),
     )
     chunks = []
     for stage in range(par.virtual_pipeline_model_parallel_size or 1):
@@ -95,6 +96,7 @@ def build_model(config: PretrainConfig, arch, plan: TSTPlan | None):
         grad_reduce_in_fp32=not config.training.grad_reduce_in_bf16, use_distributed_optimizer=par.use_distributed_optimizer, **overlap,
         # with virtual pipeline chunks, Megatron-LM starts the chunks' all-gathers from the schedule
         align_param_gather=overlap["overlap_param_gather"] and len(chunks) > 1,
+        **megatron_lm_flags.ddp_settings(config),
     )
     if model_config.bf16 or model_config.fp16:
         # as Megatron-LM's get_model: every parameter in bf16 (torch norms are built in fp32), so the
@@ -119,7 +121,8 @@ def megatron_optimizer(config: PretrainConfig, chunks, model_config):
     """megatron-core's optimizer as get_megatron_optimizer builds it (a ChainedOptimizer)."""
     training = config.training
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
+        **megatron_lm_flags.optimizer_settings(config),  # adam, or sgd with its momentum
+        lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
         adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
         clip_grad=training.clip_grad, bf16=config.model.bf16, params_dtype=model_config.params_dtype,
         decoupled_lr=training.decoupled_lr, decoupled_min_lr=training.decoupled_min_lr,
@@ -134,6 +137,7 @@ def build_optimizer(config: PretrainConfig, chunks, model_config):
     # torch's fused AdamW and a one-read gradient norm where TE/Apex are absent (megatron_tst/optimizer.py)
     optimizer = ForeachNormChainedOptimizer.wrap(megatron_optimizer(config, chunks, model_config))
     use_fused_adamw(optimizer)
+    sgd_checkpoints_load(optimizer)
     return optimizer, build_scheduler(config, optimizer)
 
 
@@ -333,7 +337,7 @@ class Run:
         config, arch = self.config, self.arch
         return dict(model=dataclasses.asdict(arch), tst=dataclasses.asdict(self.plan) if self.plan else None,
                     parallel=checkpointing.model_parallel_layout(), padded_vocab_size=padded_vocab_size(
-                        arch.vocab_size, config.parallel.tensor_model_parallel_size),
+                        arch.vocab_size, config.parallel.tensor_model_parallel_size, arch.make_vocab_size_divisible_by),
                     tokenizer=dict(type=config.data.tokenizer_type, **{  # for the HF export
                         name: os.path.abspath(path) if path else None for name, path in (
                             ("model", config.data.tokenizer_model), ("vocab_file", config.data.vocab_file),
@@ -350,7 +354,9 @@ class Run:
                 fresh_adam_state(self.optimizer)
             with parameters_in_sync(self.chunks):
                 checkpointing.save(save_dir, at_iteration, self.modules, self.optimizer, self.scheduler, common,
-                                   self.run_config(), async_save=self.config.checkpoint.async_save)
+                                   self.run_config(), async_save=self.config.checkpoint.async_save,
+                                   save_optimizer=not self.config.checkpoint.no_save_optim,
+                                   save_rng=not self.config.checkpoint.no_save_rng)
 
 
 def setup(config: PretrainConfig) -> Run:
@@ -427,7 +433,8 @@ def resume(run: Run) -> None:
         raise checkpointing.CheckpointError(
             f"{load_root} holds a model of another shape ({_shape_difference(saved_model, dataclasses.asdict(arch))})")
     state = checkpointing.load(load_root, run.modules, run.optimizer, run.scheduler,
-                               load_optimizer=not (saved.get("reset_optimizer", False) or ckpt.no_load_optim),
+                               load_optimizer=not (saved.get("reset_optimizer", False) or ckpt.no_load_optim
+                                                   or not saved.get("optimizer_saved", True)),
                                load_rng=not ckpt.no_load_rng)
     common = state["common"]
     saved_tst = common["data_identity"]["tst"]

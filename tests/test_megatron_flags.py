@@ -480,12 +480,10 @@ def test_tiktokenizer_with_a_local_vocabulary_is_megatron_core_s_and_trains(tmp_
                             "^--tiktoken-num-special-tokens is read here only by --tokenizer-type TikTokenizer"),
                            (["--tokenizer-type", "MultimodalTokenizer"],
                             "^--tokenizer-type MultimodalTokenizer is not supported: a multimodal"),
-                           (["--make-vocab-size-divisible-by", "64"], "^--make-vocab-size-divisible-by 64 is not "),
                            (["--vocab-extra-ids", "100"], "^--vocab-extra-ids: T5's span-masking ids"),
                            (["--tokenizer-sentencepiece-legacy"], "^--tokenizer-sentencepiece-legacy: ")):
         with pytest.raises(ValueError, match=message):
             parse_args(GPT3_STYLE + given)
-    parse_args(GPT3_STYLE + ["--make-vocab-size-divisible-by", "128"])  # what is done anyway
 
 
 MOCK_TINY = ["--model-preset", "tiny", "--vocab-size", "511", "--tokenizer-type", "NullTokenizer", "--mock-data",

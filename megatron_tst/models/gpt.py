@@ -67,6 +67,7 @@ class GPTArchitecture:
     add_bias_linear: bool = False
     apply_layernorm_1p: bool = False  # zero-centred norm weights (Megatron-LM's --apply-layernorm-1p)
     rotary_percent: float = 1.0
+    make_vocab_size_divisible_by: int = 128  # the embedding's rows: vocab padded to a multiple of this x TP
 
     @property
     def head_dim(self) -> int:
@@ -265,7 +266,8 @@ def build_gpt_model(
     kwargs = dict(
         config=config,
         transformer_layer_spec=layer_spec(arch, config),
-        vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
+        vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size,
+                                     arch.make_vocab_size_divisible_by),
         # a learned position table has max_position_embeddings rows (its shape is the checkpoint's)
         max_sequence_length=arch.max_position_embeddings if arch.position_embedding_type == "learned_absolute"
         else seq_length or arch.max_position_embeddings,
