@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -298,9 +300,11 @@ def test_mock_data_runs_both_phases_on_megatron_core_synthetic_documents_and_num
     assert data.sample("superposition", 0)["tokens"].shape == (16, 2)
     first, second = (set(data.train[phase].indices.tolist()) for phase in ("superposition", "recovery"))
     assert first and second and not first & second
-    # --num-workers: the same run, its samples read in DataLoader worker processes
+    # --num-workers: the same run, its samples read in DataLoader worker processes; in a fresh process
+    # as a user runs it (workers forked from this test process inherit every earlier test's threads)
     workers = str(tmp_path / "workers")
-    assert pretrain.main([a if a != save else workers for a in argv] + ["--num-workers", "2"]) == 0
+    subprocess.run([sys.executable, "-m", "megatron_tst.pretrain", *[a if a != save else workers for a in argv],
+                    "--num-workers", "2"], check=True, capture_output=True, timeout=300)
     with open(os.path.join(workers, "metrics.jsonl")) as handle:
         assert [row["loss"] for row in map(json.loads, handle) if "loss" in row] == [row["loss"] for row in rows]
     with pytest.raises(ValueError, match="^--mock-data and --data-path contradict each other"):
