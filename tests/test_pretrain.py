@@ -133,10 +133,8 @@ def test_flag_errors_are_one_line(corpus, tmp_path, capsys, extra, message):
     assert error.startswith("error: ") and message in error and "\n" not in error
 
 
-def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path, capsys):
-    save = str(tmp_path / "run")
-    run(args(corpus, save, iters=4))
-    assert main(args(corpus, str(tmp_path / "other"), "--load", save, "--hidden-size", "128", iters=4)) == 1
+def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path, capsys, tst_run):
+    assert main(args(corpus, str(tmp_path / "other"), "--load", tst_run, "--hidden-size", "128", iters=4)) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "another" in error and "\n" not in error
 
