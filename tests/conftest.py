@@ -32,6 +32,29 @@ def corpus(tmp_path_factory):
     return write_corpus(str(tmp_path_factory.mktemp("corpus") / "arith"))
 
 
+@pytest.fixture(scope="session")
+def tst_run(corpus, tmp_path_factory):
+    """The default two-phase run (``tests.test_pretrain.args``: 24 steps, s=4, r=0.25) trained once,
+    in one process, for the tests that compare against it (they read it, never write into it)."""
+    from tests.test_pretrain import args, run
+
+    save = str(tmp_path_factory.mktemp("tst_run") / "run")
+    run(args(corpus, save))
+    return save
+
+
+@pytest.fixture(scope="session")
+def launched_tst_run(corpus, tmp_path_factory):
+    """The same default run through the two-phase launcher (fresh processes, converted checkpoint),
+    made once for the tests that compare against it (read only)."""
+    from megatron_tst import launch
+    from tests.test_pretrain import args
+
+    save = str(tmp_path_factory.mktemp("launched_tst_run") / "run")
+    assert launch.main(args(corpus, save)) == 0
+    return save
+
+
 def write_corpus(prefix, documents=3000, seed=0, dtype=np.uint16):
     """The arithmetic corpus above at ``prefix``, with a choice of size, seed and token dtype."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

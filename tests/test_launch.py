@@ -26,10 +26,9 @@ def launched_records(save):
     return first + second, valid
 
 
-def test_launcher_equals_an_in_process_switch_and_resumes_in_either_phase(corpus, tmp_path, capfd):
-    single, launched, interrupted = (str(tmp_path / name) for name in ("single", "launched", "interrupted"))
-    run(args(corpus, single))
-    assert launch.main(args(corpus, launched)) == 0
+def test_launcher_equals_an_in_process_switch_and_resumes_in_either_phase(corpus, tmp_path, capfd, tst_run,
+                                                                         launched_tst_run):
+    single, launched, interrupted = tst_run, launched_tst_run, str(tmp_path / "interrupted")
     reference, reference_valid = records(single)
     steps, valid = launched_records(launched)
     assert [r["phase"] for r in steps] == ["superposition"] * 6 + ["recovery"] * 18
@@ -69,7 +68,7 @@ def test_reinit_embeddings_at_switch_restarts_from_scratch_tables(corpus, tmp_pa
     assert abs(reinit_steps[13]["loss"] - np.log(512)) < 0.3
 
 
-def test_conversion_refuses_what_it_cannot_convert(corpus, tmp_path):
+def test_conversion_refuses_what_it_cannot_convert(corpus, tmp_path, tst_run):
     early, baseline = str(tmp_path / "early"), str(tmp_path / "baseline")
     run(args(corpus, early, "--exit-interval", "2"))
     with pytest.raises(ValueError, match="at iteration 2, not at the switch iteration 6"):
@@ -81,9 +80,9 @@ def test_conversion_refuses_what_it_cannot_convert(corpus, tmp_path):
         tst_to_ntp(str(tmp_path / "nothing"), str(tmp_path / "out"))
     os.makedirs(tmp_path / "taken")
     (tmp_path / "taken" / "file").write_text("x")
-    run(args(corpus, early))  # finish phase 1 and beyond: newest checkpoint is at T, not the switch
+    # a run past phase 1 (read only here): its newest checkpoint is at T, not the switch
     with pytest.raises(ValueError, match="not at the switch iteration"):
-        tst_to_ntp(early, str(tmp_path / "taken"))
+        tst_to_ntp(tst_run, str(tmp_path / "taken"))
 
 
 def test_ratio_one_is_superposition_only_and_skips_recovery(corpus, tmp_path, capfd):

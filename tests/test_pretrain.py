@@ -45,9 +45,8 @@ def run(argv, world_size=1):
     return run_distributed(run_worker, world_size, argv)[-1]
 
 
-def test_two_phase_run_switches_at_r_T_on_one_wsd_schedule(corpus, tmp_path):
-    tst_dir, base_dir = str(tmp_path / "tst"), str(tmp_path / "base")
-    run(args(corpus, tst_dir))
+def test_two_phase_run_switches_at_r_T_on_one_wsd_schedule(corpus, tmp_path, tst_run):
+    tst_dir, base_dir = tst_run, str(tmp_path / "base")
     run(args(corpus, base_dir, tst=False))
     steps, valid = records(tst_dir)
     base_steps, _ = records(base_dir)
@@ -70,9 +69,8 @@ def test_two_phase_run_switches_at_r_T_on_one_wsd_schedule(corpus, tmp_path):
     assert config["tst"]["switch_iter"] == 6 and config["model"]["hidden_size"] == 64
 
 
-def test_killed_mid_phase_and_resumed_is_bitwise_identical(corpus, tmp_path):
-    whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
-    run(args(corpus, whole))
+def test_killed_mid_phase_and_resumed_is_bitwise_identical(corpus, tmp_path, tst_run):
+    whole, interrupted = tst_run, str(tmp_path / "interrupted")
     result = run(args(corpus, interrupted, "--exit-interval", "4"))  # stops mid phase 1
     assert result["iteration"] == 4 and result["stopped"] == "exit interval"
     run(args(corpus, interrupted, "--exit-interval", "10"))  # resumes, stops mid phase 2
@@ -100,9 +98,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(corpus, tmp_path):
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
 
 
-def test_tensor_parallel_2_run_and_its_checkpoint_loads_at_tp_1(corpus, tmp_path):
-    single, split = str(tmp_path / "tp1"), str(tmp_path / "tp2")
-    run(args(corpus, single))
+def test_tensor_parallel_2_run_and_its_checkpoint_loads_at_tp_1(corpus, tmp_path, tst_run):
+    single, split = tst_run, str(tmp_path / "tp2")
     run(args(corpus, split, "--tensor-model-parallel-size", "2", "--exit-interval", "8"), world_size=2)
     run(args(corpus, split))  # resume the TP=2 checkpoint at TP=1
     reference, resumed = records(single)[0], records(split)[0]
@@ -136,10 +133,8 @@ def test_flag_errors_are_one_line(corpus, tmp_path, capsys, extra, message):
     assert error.startswith("error: ") and message in error and "\n" not in error
 
 
-def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path, capsys):
-    save = str(tmp_path / "run")
-    run(args(corpus, save, iters=4))
-    assert main(args(corpus, str(tmp_path / "other"), "--load", save, "--hidden-size", "128", iters=4)) == 1
+def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path, capsys, tst_run):
+    assert main(args(corpus, str(tmp_path / "other"), "--load", tst_run, "--hidden-size", "128", iters=4)) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "another" in error and "\n" not in error
 
