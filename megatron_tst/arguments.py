@@ -581,8 +581,15 @@ def environment_problems(config: PretrainConfig) -> list[str]:
     if impl == "local" and model.moe_grouped_gemm:
         problems.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM; install Transformer Engine "
                         "or drop --moe-grouped-gemm")
+    arch = model.architecture(vocab_size=1)
+    if impl == "local" and arch.num_experts and arch.add_bias_linear:
+        # megatron-core 0.16.1's expert MLP adds its fc2 bias in place into RowParallelLinear's output,
+        # a view autograd forbids modifying (mlp.py, the per_token_scale branch): the first step fails
+        problems.append("MoE experts with biases (Megatron-LM's default; --disable-bias-linear not given) fail in "
+                        "megatron-core 0.16.1's local expert MLP (it adds the bias in place into a view autograd "
+                        "forbids changing); add --disable-bias-linear, or use Transformer Engine's layers")
     if (impl == "local" and not transformer_engine_available() and importlib.util.find_spec("apex") is not None
-            and model.architecture(vocab_size=1).normalization == "RMSNorm"):
+            and arch.normalization == "RMSNorm"):
         problems.append("Apex is installed without Transformer Engine: megatron-core's local spec then builds "
                         "Apex's FusedLayerNorm, which has no RMSNorm; install Transformer Engine or uninstall apex")
     try:

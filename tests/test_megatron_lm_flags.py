@@ -72,6 +72,12 @@ def test_what_this_machine_cannot_run_is_refused_in_one_line():
         check_environment(parse_args(local + ["--distributed-backend", other]))
     with pytest.raises(ValueError, match="^--fp32-residual-connection with --bf16/--fp16 needs Transformer Engine"):
         check_environment(parse_args(local + ["--fp32-residual-connection", "--bf16"]))
+    # Megatron-LM's GPT defaults (biases) with experts: megatron-core's local expert MLP cannot train it
+    moe = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+           "--num-experts", "4", "--transformer-impl", "local"]
+    with pytest.raises(ValueError, match="^MoE experts with biases .* add --disable-bias-linear"):
+        check_environment(parse_args(moe))
+    check_environment(parse_args(moe + ["--disable-bias-linear"]))
 
 
 def test_honoured_megatron_lm_flags_reach_megatron_core_configs(single_rank):
