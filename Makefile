@@ -22,7 +22,7 @@ demo: install
 	PYTHON=$(abspath $(PY)) bash examples/demo.sh
 
 test: install
-	$(PY) -m pytest -q --durations=20  # the slowest, to keep the 2-core run under 25 minutes
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20 -n 2 --dist loadfile  # two workers, a file each; the slowest, to keep the 2-core run under 25 minutes
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,5 +1,7 @@
 import megatron_tst  # noqa: F401  (first: prepares torch so megatron-core runs on CPU without CUDA)
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,11 @@ def single_rank():
 
 
 def pytest_configure(config):
+    # under pytest-xdist (make test runs two workers) each worker's launcher/torchrun jobs get their own
+    # default MASTER_PORT, so two jobs running at once never race for 29500
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        os.environ["MASTER_PORT"] = str(29500 + 37 * (int(worker[2:]) + 1))
     config.addinivalue_line("markers", "slow: multi-process or long tests (run in CI on purpose)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (pytest -m gpu; skipped with the reason without one)")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
