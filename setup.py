@@ -18,7 +18,8 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0",  # make test: two workers "transformers", "tokenizers", "matplotlib",  # matplotlib: tools/tst_report.py
+        "test": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0",  # xdist: make test's two workers
+                 "transformers", "tokenizers", "matplotlib",  # matplotlib: tools/tst_report.py
                  "lm-eval", "accelerate",  # the lm-eval harness test (accelerate: its HF model class)
                  "wandb",  # tests/test_wandb.py, offline
                  "tiktoken"],  # the TikTokenizer test (a hand-made vocabulary, offline)
