@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 import time
@@ -14,6 +15,19 @@ import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
+    """A port for the spawned ranks' rendezvous. Under pytest-xdist each worker draws from its own
+    band below Linux's ephemeral range (32768-60999): a port the kernel handed out and released can
+    be handed to the other worker before our ranks bind it, a band cannot."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        base = 20000 + 1000 * int(worker[2:])
+        for port in random.sample(range(base, base + 1000), 1000):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
