@@ -6,19 +6,12 @@ import datetime
 import math
 import os
 import random
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_tst.platform import distributed_backend, install_megatron
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def initialize(
@@ -44,9 +37,9 @@ def initialize(
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "WORLD_SIZE" in os.environ:  # torchrun (or any env:// launcher)
             dist.init_process_group(backend=distributed_backend(), timeout=timeout)
-        else:  # a single process: a private rendezvous, so several can run side by side
+        else:  # a single process: an in-memory store, so no port to take (or race for) beside other runs
             dist.init_process_group(backend=distributed_backend(), rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}", timeout=timeout)
+                                    store=dist.HashStore(), timeout=timeout)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
