@@ -433,17 +433,17 @@ stage_gpu_report() {  # the gpu stage's comparisons: each size at its best basel
     fi
 }
 
-pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST...]: tst_report --pair, the pairs
-    # whose two runs have both run (seeds and configurations still running are left out, and named)
+pairs_report() {  # pairs_report NAME CONFIG STEPS BASELINE TST [CONFIG STEPS BASELINE TST...]: tst_report --pair,
+    # the pairs whose two runs have finished their STEPS (seeds and configurations still running are left out, and named)
     local name=$1 args=() missing=()
     shift
-    while [ $# -ge 3 ]; do
-        if [ "$DRY_RUN" = "1" ] || { [ -f "$2/metrics.jsonl" ] && [ -f "$3/recovery/metrics.jsonl" ]; }; then
-            args+=(--pair "$1" "$2" "$3")
+    while [ $# -ge 4 ]; do
+        if [ "$DRY_RUN" = "1" ] || { finished "$3" "$2" && finished "$4" "$2"; }; then
+            args+=(--pair "$1" "$3" "$4")
         else
-            missing+=("$(basename "$3")")
+            missing+=("$(basename "$4")")
         fi
-        shift 3
+        shift 4
     done
     if [ "$DRY_RUN" = "1" ]; then
         printf '%q ' "$PYTHON" tools/tst_report.py "${args[@]}" --output "$STUDY/reports/$name"
@@ -451,7 +451,7 @@ pairs_report() {  # pairs_report NAME CONFIG BASELINE TST [CONFIG BASELINE TST..
         return 0
     fi
     [ ${#args[@]} -gt 0 ] || { echo "[study] report $name: skipped (no pair has run yet)"; return 0; }
-    [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not run yet)"
+    [ ${#missing[@]} -eq 0 ] || echo "[study] report $name: without ${missing[*]} (not finished)"
     "$PYTHON" tools/tst_report.py "${args[@]}" --output "$STUDY/reports/$name" > /dev/null
     echo "[study] report: $STUDY/reports/$name/report.md"
 }
@@ -469,28 +469,28 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
     b500=$(b64_best 500)
     b2000=$(b64_best 2000)
     pairs_report "steps-or-tokens" \
-        "b16 T=2000 (2M tokens)" "$RUNS/S-base-lr1e-3" "$RUNS/S-tst-s4-r0.3-lr1e-3" \
-        "b64 T=500 (2M tokens)" "$RUNS/S-B64-T500-base-lr$b500" "$RUNS/S-B64-T500-tst-s4-r0.3-lr$b500" \
-        "b16 T=$T_LONG (8M tokens)" "$RUNS/S-T$T_LONG-base-lr$LONG_LR" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR" \
-        "b64 T=2000 (8M tokens)" "$RUNS/S-B64-T2000-base-lr$b2000" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$b2000"
+        "b16 T=2000 (2M tokens)" "$STEPS" "$RUNS/S-base-lr1e-3" "$RUNS/S-tst-s4-r0.3-lr1e-3" \
+        "b64 T=500 (2M tokens)" 500 "$RUNS/S-B64-T500-base-lr$b500" "$RUNS/S-B64-T500-tst-s4-r0.3-lr$b500" \
+        "b16 T=$T_LONG (8M tokens)" "$T_LONG" "$RUNS/S-T$T_LONG-base-lr$LONG_LR" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR" \
+        "b64 T=2000 (8M tokens)" 2000 "$RUNS/S-B64-T2000-base-lr$b2000" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$b2000"
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
-        pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
+        pairs+=("S b16 T=$T_LONG s=4 r=0.3" "$T_LONG" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix" "$RUNS/S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
     done
     lr=$(b64_best 2000)
     for i in "${!SEEDS[@]}"; do
         suffix=$(seed_suffix "$i")
-        pairs+=("S b64 T=2000 s=4 r=0.3" "$RUNS/S-B64-T2000-base-lr$lr$suffix" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$lr$suffix")
+        pairs+=("S b64 T=2000 s=4 r=0.3" 2000 "$RUNS/S-B64-T2000-base-lr$lr$suffix" "$RUNS/S-B64-T2000-tst-s4-r0.3-lr$lr$suffix")
     done
     for i in 0 1; do
         suffix=$(seed_suffix "$i")
-        pairs+=("linux S b16 T=$T_LONG s=4 r=0.3" "$RUNS/linux-S-T$T_LONG-base-lr$LONG_LR$suffix"
+        pairs+=("linux S b16 T=$T_LONG s=4 r=0.3" "$T_LONG" "$RUNS/linux-S-T$T_LONG-base-lr$LONG_LR$suffix"
                 "$RUNS/linux-S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
     done
     s=${SR_BEST%:*} r=${SR_BEST#*:}
     for i in 0 1; do
         suffix=$(seed_suffix "$i")
-        pairs+=("S b16 T=$T_LONG s=$s r=$r" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix"
+        pairs+=("S b16 T=$T_LONG s=$s r=$r" "$T_LONG" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix"
                 "$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$suffix")
     done
     pairs_report "seeds" "${pairs[@]}"
