@@ -37,8 +37,9 @@
 # Expected CPU time (examples/repro/README.md, measured per size): S ~7 min, M ~20 min, L ~50 min a
 # run; the whole study about 23 hours of one core.
 # Environment: STUDY (output root, default runs/study), STEPS (T, default 2000), T_SWEEP, T_LONG, SIZES (the
-# lr and size stages' sizes, default "S M L"), RUN_FILTER (a bash regex: only the runs whose names match, so two
-# one-thread lanes can share the machine without starting the same run), PYTHON, OMP_NUM_THREADS.
+# lr and size stages' sizes, default "S M L"), B64_LR (batch 64's rate at T=2000 where its sweep is not in
+# STUDY), RUN_FILTER (a bash regex: only the runs whose names match, so two one-thread lanes can share the
+# machine without starting the same run), PYTHON, OMP_NUM_THREADS.
 # Commands run are appended to $STUDY/commands.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -248,7 +249,9 @@ batch_rates() {  # the S baseline sweep at 4x the tokens per step (larger batche
 }
 
 b64_best() {  # b64_best T: the batch-64 baseline rate that ended lowest at length T among the finished runs
-    # (the sweep's rates and the edge runs, where they ran)
+    # (the sweep's rates and the edge runs, where they ran); B64_LR sets T=2000's (2e-3 in BENCHMARKS.md) for
+    # a study folder without the sweep's runs
+    if [ "$1" = "2000" ] && [ -n "${B64_LR:-}" ]; then echo "$B64_LR"; return 0; fi
     best_of "S-B64-T$1-base-lr" "$1" partial $(batch_rates) 5e-4 8e-3
 }
 
