@@ -8,8 +8,8 @@
 #   DRY_RUN=1 bash examples/repro/study.sh       print every run's exact command, run nothing
 #
 # Stages (see examples/repro/README.md for the design and the expected CPU time):
-#   corpus  a real text corpus from this machine (tools/make_corpus.py: stdlib, plus python-doc,
-#           gcide and linux sources when installed), a 4096-piece SentencePiece tokenizer, .bin/.idx
+#   corpus  a real text corpus from this machine (tools/make_corpus.py: stdlib, python-doc and gcide,
+#           not the linux sources, corpus2's, even where installed), a 4096-piece tokenizer, .bin/.idx
 #   lr      baselines at 3-5 learning rates per size (S ~0.5M, M ~4.2M, L ~14M non-embedding
 #           parameters); the best final validation loss picks the size's LR, reused for TST
 #   size    TST s=4 r=0.3 at each size; tied and untied embeddings at M (baseline and TST)
@@ -162,7 +162,7 @@ stage_corpus() {
     if [ "$DRY_RUN" = "1" ] || [ -f "$DATA.idx" ]; then return 0; fi
     mkdir -p "$STUDY"
     [ -f "$STUDY/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --output "$STUDY/corpus.jsonl" \
-        --max-bytes "${CORPUS_BYTES:-400000000}" ${CORPUS_SOURCES:+--sources "$CORPUS_SOURCES"}
+        --max-bytes "${CORPUS_BYTES:-400000000}" --sources "${CORPUS_SOURCES:-stdlib,python-doc,gcide}"
     [ -f "$TOKENIZER" ] || "$PYTHON" tools/train_tokenizer.py --input "$STUDY/corpus.jsonl" \
         --output-prefix "$STUDY/tokenizer" --vocab-size 4096 --max-bytes "${TOKENIZER_BYTES:-20000000}"
     "$PYTHON" tools/preprocess_data.py --input "$STUDY/corpus.jsonl" --output-prefix "$STUDY/corpus" \
