@@ -4,6 +4,7 @@ metrics whose iso-loss answer is worked out by hand."""
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -251,6 +252,34 @@ def _pair_runs(root, name, base_finals, tst_final, steps=20):
            + [dict(iteration=10, phase="recovery", validation_loss=4.5),
               dict(iteration=steps, phase="recovery", validation_loss=tst_final)])
     return base, tst
+
+
+def test_study_seeds_report_takes_only_the_pairs_whose_runs_finished(tmp_path):
+    """examples/repro/study.sh report on a study folder where the third seed's TST run is still in its
+    recovery: the seeds report holds the two finished pairs and names the third as not finished (tst_report
+    refuses pairs of different lengths, so taking it would fail the whole report)."""
+    runs = tmp_path / "runs"
+    for suffix, base_final, tst_final, tst_done in (("", 2.70, 2.64, 8000), ("-seed2", 2.75, 2.68, 8000),
+                                                     ("-seed3", 2.69, 2.80, 4000)):
+        base, tst = _pair_runs(str(runs), "pair", base_final, tst_final, steps=8000)
+        names = (f"S-T8000-base-lr1e-3{suffix}", f"S-T8000-tst-s4-r0.3-lr1e-3{suffix}")
+        for made, name, done, folder in ((base, names[0], 8000, ""), (tst, names[1], tst_done, "recovery")):
+            if tst_done < 8000 and folder:  # still in recovery: its metrics stop at its last checkpoint
+                _write(os.path.join(made, folder, "metrics.jsonl"),
+                       _steps([10, tst_done], "recovery", 100, lambda i: 1.0)
+                       + [dict(iteration=tst_done, phase="recovery", validation_loss=tst_final)])
+            with open(os.path.join(made, folder, "latest_checkpointed_iteration.txt"), "w") as handle:
+                handle.write(str(done))
+            os.rename(made, runs / name)
+    result = subprocess.run(["bash", os.path.join(ROOT, "examples", "repro", "study.sh"), "report"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "STUDY": str(tmp_path), "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    without = next(line for line in result.stdout.splitlines() if line.startswith("[study] report seeds: without"))
+    assert " S-T8000-tst-s4-r0.3-lr1e-3-seed3 " in without and " S-T8000-tst-s4-r0.3-lr1e-3 " not in without
+    report = open(tmp_path / "reports" / "seeds" / "report.md").read()
+    pairs = [line for line in report.splitlines() if line.startswith("| S b16 T=8000 s=4 r=0.3 | S-T8000-")]
+    assert [line.split(" | ")[-1] for line in pairs] == ["-0.0600 |", "-0.0700 |"]
 
 
 def test_seeds_report_mean_standard_error_and_per_seed_pairs(tmp_path, capsys):
