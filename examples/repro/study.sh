@@ -158,7 +158,20 @@ neighbours() {  # neighbours SIZE LR: LR and the rates either side of it in the 
     done
 }
 
+corpus_fingerprint() {  # corpus_fingerprint DIR: what a corpus rebuilt on another machine is checked against (the
+    # text comes from installed packages, whose updates change it; BENCHMARKS.md records the study's)
+    local dir=$1
+    if [ "$DRY_RUN" = "1" ] || [ ! -f "$dir/corpus_text_document.bin" ] || [ -f "$dir/corpus.fingerprint" ]; then
+        return 0
+    fi
+    { dpkg-query -W -f '${Package} ${Version}\n' python3.11-doc dict-gcide linux-source-6.1 2> /dev/null || true
+      "$PYTHON" -c 'import platform; print("python", platform.python_version())'
+      (cd "$dir" && sha256sum tokenizer.model corpus_text_document.bin); } > "$dir/corpus.fingerprint"
+    echo "[study] corpus: $dir/corpus.fingerprint"
+}
+
 stage_corpus() {
+    corpus_fingerprint "$STUDY"
     if [ "$DRY_RUN" = "1" ] || [ -f "$DATA.idx" ]; then return 0; fi
     mkdir -p "$STUDY"
     [ -f "$STUDY/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --output "$STUDY/corpus.jsonl" \
@@ -167,6 +180,7 @@ stage_corpus() {
         --output-prefix "$STUDY/tokenizer" --vocab-size 4096 --max-bytes "${TOKENIZER_BYTES:-20000000}"
     "$PYTHON" tools/preprocess_data.py --input "$STUDY/corpus.jsonl" --output-prefix "$STUDY/corpus" \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --append-eod --workers "${WORKERS:-2}"
+    corpus_fingerprint "$STUDY"
 }
 
 stage_lr() {
@@ -350,6 +364,7 @@ stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece t
             --tokenizer-type SentencePieceTokenizer --tokenizer-model "$CORPUS2/tokenizer.model" --append-eod \
             --workers "${WORKERS:-2}"
     fi
+    corpus_fingerprint "$CORPUS2"
     local i suffix rate
     for rate in $(neighbours S "$LONG_LR"); do
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
