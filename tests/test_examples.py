@@ -168,7 +168,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
         elif argv[1] != "examples/repro/gap_vs_size.py":
             assert argv[1] == "tools/tst_report.py", line
             reports.append(line)
-    assert len(runs) == 78
+    assert len(runs) == 79
     # the crossover stage: M's pair at T_LONG, at M's rate
     assert {runs[f"M-T8000-{kind}-lr5e-4"][1].training.train_iters for kind in ("base", "tst-s4-r0.3")} == {8000}
     sizes = {name: config.model.architecture() for name, (_, config) in runs.items()}
@@ -191,9 +191,10 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert runs["S-T8000-reinit-s4-r0.3-lr1e-3"][0].reinit_embeddings_at_switch
     assert all(c.training.train_iters == 8000 for c in long.values())
     assert runs["S-T16000-base-lr1e-3"][1].training.train_iters == 16000
-    assert {runs[f"S-T8000-{kind}-lr1e-3-seed2"][1].training.seed for kind in ("base", "tst-s4-r0.3", "tst-s4-r0.2")} \
-        == {2345}  # the seeds stage's pair, and the s x r grid's best cell at the second seed
-    assert runs["S-T8000-tst-s4-r0.2-lr1e-3-seed2"][1].tst.tst_ratio == 0.2
+    for suffix, seed in (("-seed2", 2345), ("-seed3", 3456)):  # the seeds stage's pair and the grid's best cell
+        assert {runs[f"S-T8000-{kind}-lr1e-3{suffix}"][1].training.seed
+                for kind in ("base", "tst-s4-r0.3", "tst-s4-r0.2")} == {seed}
+        assert runs[f"S-T8000-tst-s4-r0.2-lr1e-3{suffix}"][1].tst.tst_ratio == 0.2
     assert runs["S-T8000-base-lr1e-3"][1].training.seed == 1234
     assert runs["L-base-2T"][1].training.train_iters == 2 * runs["L-base-lr1e-3"][1].training.train_iters
     assert not sizes["M-tied-base"].untie_embeddings_and_output_weights
@@ -216,7 +217,7 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     assert len(linux) == 6 and all("/linux/" in c.data.data_path[0] and "/linux/" in c.data.tokenizer_model
                                    for c in linux.values())
     seeds = next(shlex.split(line) for line in reports if "reports/seeds" in line)
-    assert seeds.count("--pair") == 14  # 5 seeds at batch 16, 5 at batch 64, 2 on the second corpus, 2 of the best s x r cell
+    assert seeds.count("--pair") == 15  # 5 seeds at batch 16, 5 at batch 64, 2 on the second corpus, 3 of the best s x r cell
     reported = " ".join(reports)
     iso_s = next(shlex.split(line) for line in reports if "reports/iso-loss-S-T8000" in line)
     ladder = iso_s[iso_s.index("--baselines-by-length") + 1:iso_s.index("--output")]

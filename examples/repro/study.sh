@@ -27,7 +27,8 @@
 #           8000), the baseline's rate tuned per length, TST s=4 r=0.3 at the best, a length ladder; and the
 #           batch-16 T=2000 pair again with today's code
 #   seeds   the winning pair (S, T=$T_LONG, s=4 r=0.3) at five seeds (B64_SEEDS=1: batch 64 at T=2000 too)
-#   sr      s in {2,3,4,6} x r in {0.2,0.3,0.4} at S, T=$T_LONG, and the grid's best cell (SR_BEST) at a second seed
+#   sr      s in {2,3,4,6} x r in {0.2,0.3,0.4} at S, T=$T_LONG, and the grid's best cell (SR_BEST) at the
+#           second and third seeds beside s=4 r=0.3
 #   corpus2 the winning pair on a second corpus (Linux kernel sources, its own tokenizer), two seeds, and
 #           the baseline's rate rechecked there
 #   report  tools/tst_report.py per comparison, and the gap-vs-size plot (gap_vs_size.py)
@@ -342,11 +343,17 @@ stage_sr() {  # a rule for s and r where TST wins (S, T=$T_LONG): s in {2,3,4,6}
             run "S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR" S "$LONG_LR" "$T_LONG" --tst-bag-size "$s" --tst-ratio "$r"
         done
     done
-    # the best cell again at the second seed, beside that seed's baseline (the seeds stage's): is it the seed?
+    # the best cell again at the second and third seeds, beside those seeds' baseline and s=4 r=0.3 (the seeds
+    # stage's runs): is its lead over s=4 r=0.3 the seed's?
+    local i
     s=${SR_BEST%:*} r=${SR_BEST#*:}
-    run "S-T$T_LONG-base-lr$LONG_LR$(seed_suffix 1)" S "$LONG_LR" "$T_LONG" $(seed_args 1)
-    run "S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$(seed_suffix 1)" S "$LONG_LR" "$T_LONG" --tst-bag-size "$s" \
-        --tst-ratio "$r" $(seed_args 1)
+    for i in 1 2; do
+        run "S-T$T_LONG-base-lr$LONG_LR$(seed_suffix "$i")" S "$LONG_LR" "$T_LONG" $(seed_args "$i")
+        run "S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$(seed_suffix "$i")" S "$LONG_LR" "$T_LONG" --tst-bag-size 4 \
+            --tst-ratio 0.3 $(seed_args "$i")
+        run "S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$(seed_suffix "$i")" S "$LONG_LR" "$T_LONG" --tst-bag-size "$s" \
+            --tst-ratio "$r" $(seed_args "$i")
+    done
 }
 SR_BEST=${SR_BEST:-4:0.2}  # s:r, the cell of the grid with the lowest final loss (BENCHMARKS.md)
 
@@ -506,7 +513,7 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
                 "$RUNS/linux-S-T$T_LONG-tst-s4-r0.3-lr$LONG_LR$suffix")
     done
     s=${SR_BEST%:*} r=${SR_BEST#*:}
-    for i in 0 1; do
+    for i in 0 1 2; do
         suffix=$(seed_suffix "$i")
         pairs+=("S b16 T=$T_LONG s=$s r=$r" "$T_LONG" "$RUNS/S-T$T_LONG-base-lr$LONG_LR$suffix"
                 "$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$suffix")
