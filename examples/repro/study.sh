@@ -360,7 +360,8 @@ SR_BEST=${SR_BEST:-4:0.2}  # s:r, the cell of the grid with the lowest final los
 CORPUS2="$STUDY/linux"  # a second corpus of another kind: Linux kernel sources (C, build files, docs)
 
 stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece tokenizer, two seeds, and the
-    # baseline's rate rechecked there (the neighbours of $LONG_LR, first seed)
+    # baseline's rate rechecked there (the neighbours of $LONG_LR, first seed; past the low edge where the
+    # lowest wins, and TST at the best rate)
     if [ "$DRY_RUN" != "1" ] && [ ! -f "$CORPUS2/corpus_text_document.idx" ]; then
         mkdir -p "$CORPUS2"
         [ -f "$CORPUS2/corpus.jsonl" ] || "$PYTHON" tools/make_corpus.py --sources linux \
@@ -373,10 +374,23 @@ stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece t
     fi
     corpus_fingerprint "$CORPUS2"
     local i suffix rate
-    for rate in $(neighbours S "$LONG_LR"); do
+    local rates best
+    rates=$(neighbours S "$LONG_LR")
+    for rate in $rates; do
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
             run "linux-S-T$T_LONG-base-lr$rate" S "$rate" "$T_LONG"
     done
+    # the best of them at the low edge: one rate below it; TST (first seed) at the best where it is not $LONG_LR
+    best=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $rates)
+    if [ "$best" = "$(echo $rates | cut -d' ' -f1)" ] && [ "$DRY_RUN" != "1" ]; then
+        DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
+            run "linux-S-T$T_LONG-base-lr2.5e-4" S 2.5e-4 "$T_LONG"
+        best=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $rates 2.5e-4)
+    fi
+    if [ "$best" != "$LONG_LR" ] && [ "$best" != "none" ]; then
+        DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
+            run "linux-S-T$T_LONG-tst-s4-r0.3-lr$best" S "$best" "$T_LONG" --tst-bag-size 4 --tst-ratio 0.3
+    fi
     for i in 0 1; do
         suffix=$(seed_suffix "$i")
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
@@ -519,6 +533,11 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
                 "$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$suffix")
     done
     pairs_report "seeds" "${pairs[@]}"
+    lr=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $(neighbours S "$LONG_LR") 2.5e-4)
+    if [ "$lr" != "$LONG_LR" ] && [ "$lr" != "none" ]; then  # the second corpus's pair at its baseline's best rate
+        report "linux-S-T$T_LONG-lr$lr" "$RUNS/linux-S-T$T_LONG-tst-s4-r0.3-lr$lr" \
+            --baseline "$RUNS/linux-S-T$T_LONG-base-lr$lr"
+    fi
     for s in 2 3 4 6; do for r in 0.2 0.3 0.4; do grid+=("$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR"); done; done
     report "sr-S-T$T_LONG" "${grid[@]}" --baseline "$RUNS/S-T$T_LONG-base-lr$LONG_LR"
 }
