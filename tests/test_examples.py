@@ -1,8 +1,10 @@
 """The launch recipes: valid bash, required variables checked, and every flag they resolve to is one
 our launcher and pretrain parser accept (so a renamed flag breaks this test, not a cluster job)."""
 
+import hashlib
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -223,6 +225,26 @@ def test_study_driver_resolves_every_run_to_valid_flags():
     ladder = iso_s[iso_s.index("--baselines-by-length") + 1:iso_s.index("--output")]
     assert sorted(runs[os.path.basename(p)][1].training.train_iters for p in ladder) == [2000, 4000, 8000, 16000]
     assert all(name in reported for name in runs if "-base-lr" not in name)
+
+
+def test_study_corpus_writes_its_fingerprint_once(tmp_path):
+    """study.sh corpus on a built corpus: corpus.fingerprint names the Python and the sha256 of the tokenizer
+    and the tokens, so that a rebuild on another machine can be checked; an existing fingerprint is kept."""
+    files = {"tokenizer.model": b"pieces", "corpus_text_document.bin": b"\x01\x02" * 64, "corpus_text_document.idx": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    env = {"PATH": os.environ["PATH"], "STUDY": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh"), "corpus"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "corpus.fingerprint").read_text().splitlines()
+    assert f"python {platform.python_version()}" in lines
+    for name in ("tokenizer.model", "corpus_text_document.bin"):
+        assert f"{hashlib.sha256(files[name]).hexdigest()}  {name}" in lines
+    (tmp_path / "tokenizer.model").write_bytes(b"other pieces")  # the fingerprint is the build's, not rewritten
+    assert subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh"), "corpus"], env=env,
+                          timeout=60).returncode == 0
+    assert (tmp_path / "corpus.fingerprint").read_text().splitlines() == lines
 
 
 def test_presets_keep_their_shape_through_the_command_line():

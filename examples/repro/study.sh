@@ -373,8 +373,7 @@ stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece t
             --workers "${WORKERS:-2}"
     fi
     corpus_fingerprint "$CORPUS2"
-    local i suffix rate
-    local rates best
+    local i suffix rate rates best
     rates=$(neighbours S "$LONG_LR")
     for rate in $rates; do
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
