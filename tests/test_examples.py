@@ -247,6 +247,31 @@ def test_study_corpus_writes_its_fingerprint_once(tmp_path):
     assert (tmp_path / "corpus.fingerprint").read_text().splitlines() == lines
 
 
+@pytest.mark.parametrize("finals, edge", [({"5e-4": 3.10, "1e-3": 3.14, "2e-3": 3.16, "2.5e-4": 3.17}, True),
+                                           ({"5e-4": 3.12, "1e-3": 3.09, "2e-3": 3.16, "2.5e-4": 3.17}, False)])
+def test_study_corpus2_goes_past_the_low_edge_and_runs_tst_at_the_best_rate(tmp_path, finals, edge):
+    """study.sh corpus2 over finished baselines: where the lowest rate of the check wins, one rate below it
+    and TST at the winner; where the first corpus's rate wins, neither."""
+    linux = tmp_path / "linux"
+    linux.mkdir()
+    for name in ("tokenizer.model", "corpus_text_document.bin", "corpus_text_document.idx"):
+        (linux / name).write_bytes(b"x")
+    runs = {f"linux-S-T8000-base-lr{rate}": loss for rate, loss in finals.items()}
+    runs["linux-S-T8000-tst-s4-r0.3-lr5e-4"] = 3.0
+    for name, loss in runs.items():
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "latest_checkpointed_iteration.txt").write_text("8000")
+        (run / "metrics.jsonl").write_text(json.dumps({"iteration": 8000, "validation_loss": loss}) + "\n")
+    env = {"PATH": os.environ["PATH"], "STUDY": str(tmp_path), "PYTHON": sys.executable,
+           "RUN_FILTER": "^linux-S-T8000-(base-lr(5e-4|1e-3|2e-3|2.5e-4)|tst-s4-r0.3-lr5e-4)$"}
+    result = subprocess.run(["bash", os.path.join(EXAMPLES, "repro", "study.sh"), "corpus2"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for name in ("linux-S-T8000-base-lr2.5e-4", "linux-S-T8000-tst-s4-r0.3-lr5e-4"):
+        assert (f"[study] {name}: finished, skipped" in result.stdout) == edge, result.stdout
+
+
 def test_presets_keep_their_shape_through_the_command_line():
     """A switch left out keeps the preset's value: the recipes' 270M/3B are untied and 10B-A1B has
     QK-norm, as the presets say; the tie/untie switches override."""
