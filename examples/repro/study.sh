@@ -359,6 +359,11 @@ SR_BEST=${SR_BEST:-4:0.2}  # s:r, the cell of the grid with the lowest final los
 
 CORPUS2="$STUDY/linux"  # a second corpus of another kind: Linux kernel sources (C, build files, docs)
 
+linux_best() {  # the second corpus's baseline rate that ended lowest at T_LONG among the finished runs (the
+    # neighbours of $LONG_LR, and the rate below them where it ran)
+    best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $(neighbours S "$LONG_LR") 2.5e-4
+}
+
 stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece tokenizer, two seeds, and the
     # baseline's rate rechecked there (the neighbours of $LONG_LR, first seed; past the low edge where the
     # lowest wins, and TST at the best rate)
@@ -380,11 +385,11 @@ stage_corpus2() {  # the winning pair on the second corpus, its own 4096-piece t
             run "linux-S-T$T_LONG-base-lr$rate" S "$rate" "$T_LONG"
     done
     # the best of them at the low edge: one rate below it; TST (first seed) at the best where it is not $LONG_LR
-    best=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $rates)
+    best=$(linux_best)
     if [ "$best" = "$(echo $rates | cut -d' ' -f1)" ] && [ "$DRY_RUN" != "1" ]; then
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
             run "linux-S-T$T_LONG-base-lr2.5e-4" S 2.5e-4 "$T_LONG"
-        best=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $rates 2.5e-4)
+        best=$(linux_best)
     fi
     if [ "$best" != "$LONG_LR" ] && [ "$best" != "none" ]; then
         DATA="$CORPUS2/corpus_text_document" TOKENIZER="$CORPUS2/tokenizer.model" \
@@ -532,7 +537,7 @@ report_part2() {  # issue 22's comparisons: batch 64, the seeds, the s x r grid,
                 "$RUNS/S-T$T_LONG-tst-s$s-r$r-lr$LONG_LR$suffix")
     done
     pairs_report "seeds" "${pairs[@]}"
-    lr=$(best_of "linux-S-T$T_LONG-base-lr" "$T_LONG" partial $(neighbours S "$LONG_LR") 2.5e-4)
+    lr=$(linux_best)
     if [ "$lr" != "$LONG_LR" ] && [ "$lr" != "none" ]; then  # the second corpus's pair at its baseline's best rate
         report "linux-S-T$T_LONG-lr$lr" "$RUNS/linux-S-T$T_LONG-tst-s4-r0.3-lr$lr" \
             --baseline "$RUNS/linux-S-T$T_LONG-base-lr$lr"
